@@ -1,0 +1,110 @@
+//! Preallocated, position-indexed KV cache.
+//!
+//! Each layer owns `[B, kv_heads, capacity, head_dim]` key and value buffers and its own
+//! length, so layers `[0, N)` may run ahead of `[N, L)` while drafting (EESD.md section 2).
+//! Rollback after verification is [`KvCache::truncate`]: a length change, no copy.
+//!
+//! Batches are left-padded: row `b` has `pad[b]` padding slots before its first real token.
+//! Those slots are masked out of attention and shift the row's rotary positions.
+
+use crate::config::LlamaConfig;
+use tch::{Device, Kind, Tensor};
+
+pub struct LayerCache {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub len: i64,
+}
+
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+    capacity: i64,
+    /// Left padding per row, `[B]` i64 on the cache's device.
+    pad: Tensor,
+    pad_host: Vec<i64>,
+}
+
+impl KvCache {
+    /// Room for `capacity` positions per row (padding included) in every layer.
+    pub fn new(cfg: &LlamaConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
+        let shape = [
+            batch,
+            cfg.num_kv_heads as i64,
+            capacity,
+            cfg.head_dim as i64,
+        ];
+        let layers = (0..cfg.num_layers)
+            .map(|_| LayerCache {
+                k: Tensor::zeros(shape, (kind, device)),
+                v: Tensor::zeros(shape, (kind, device)),
+                len: 0,
+            })
+            .collect();
+        KvCache {
+            layers,
+            capacity,
+            pad: Tensor::zeros([batch], (Kind::Int64, device)),
+            pad_host: vec![0; batch as usize],
+        }
+    }
+
+    pub fn batch(&self) -> i64 {
+        self.pad_host.len() as i64
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+
+    /// Declares the left padding of each row; call before the first forward pass.
+    pub fn set_left_padding(&mut self, pad: &[i64]) {
+        assert_eq!(pad.len() as i64, self.batch(), "one padding count per row");
+        self.pad_host = pad.to_vec();
+        self.pad = Tensor::from_slice(pad).to_device(self.pad.device());
+    }
+
+    pub fn left_padding(&self) -> &[i64] {
+        &self.pad_host
+    }
+
+    /// Length (padding included) of layer `i`.
+    pub fn len(&self, layer: usize) -> i64 {
+        self.layers[layer].len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.iter().all(|l| l.len == 0)
+    }
+
+    /// Shortens every layer to at most `len` positions: O(1), nothing is copied or zeroed,
+    /// the stale entries are overwritten by the next write and masked until then.
+    pub fn truncate(&mut self, len: i64) {
+        for l in &mut self.layers {
+            l.len = l.len.min(len);
+        }
+    }
+
+    /// Rotary positions of `t` new tokens written at offset `offset`: `[B, T]`.
+    pub fn positions(&self, offset: i64, t: i64) -> Tensor {
+        let dev = self.pad.device();
+        let ar = Tensor::arange_start(offset, offset + t, (Kind::Int64, dev));
+        (ar.unsqueeze(0) - self.pad.unsqueeze(1)).clamp_min(0)
+    }
+
+    /// Attention mask for `t` queries at `offset` over `offset + t` keys: `[B, 1, T, S]`, true
+    /// where attention is allowed. Causal with the offset (a query sees its own and earlier
+    /// positions, never later ones), and padding keys are never seen, except that a padding
+    /// query sees itself: a row with no allowed key would give NaN, which would then reach
+    /// real rows through `0 * NaN` in the value product.
+    pub fn mask(&self, offset: i64, t: i64) -> Tensor {
+        let dev = self.pad.device();
+        let s = offset + t;
+        let q = Tensor::arange_start(offset, s, (Kind::Int64, dev)).unsqueeze(1); // [T, 1]
+        let k = Tensor::arange(s, (Kind::Int64, dev)).unsqueeze(0); // [1, S]
+        let causal = k.le_tensor(&q); // [T, S]
+        let not_pad = k.ge_tensor(&self.pad.unsqueeze(1)); // [B, S]
+        let diag = k.eq_tensor(&q); // [T, S]
+        let allowed = causal.unsqueeze(0).logical_and(&not_pad.unsqueeze(1));
+        allowed.logical_or(&diag.unsqueeze(0)).unsqueeze(1)
+    }
+}

@@ -1,0 +1,74 @@
+//! Parsing `--device` and `--dtype`, and the defaults: CUDA with bf16 when a GPU is present,
+//! else CPU with f32 (bf16 matmuls are slow on CPU; EESD.md section 5).
+
+use crate::error::{Error, Result};
+use tch::{Device, Kind};
+
+/// `cpu`, `cuda` or `cuda:N`; `None` picks CUDA when available.
+pub fn parse_device(spec: Option<&str>) -> Result<Device> {
+    let dev = match spec {
+        None => return Ok(Device::cuda_if_available()),
+        Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::Cuda(0),
+        Some(s) if s.starts_with("cuda:") => Device::Cuda(s[5..].parse().map_err(|_| {
+            Error::Input(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))
+        })?),
+        Some(s) => {
+            return Err(Error::Input(format!(
+                "bad device `{s}`: expected cpu, cuda or cuda:N"
+            )))
+        }
+    };
+    if let Device::Cuda(i) = dev {
+        let n = tch::Cuda::device_count();
+        if i as i64 >= n {
+            return Err(Error::Input(format!(
+                "device cuda:{i} requested but {n} CUDA device(s) are available"
+            )));
+        }
+    }
+    Ok(dev)
+}
+
+/// `f32`, `f16` or `bf16`; `None` picks bf16 on CUDA and f32 on CPU.
+pub fn parse_dtype(spec: Option<&str>, device: Device) -> Result<Kind> {
+    match spec {
+        None if device.is_cuda() => Ok(Kind::BFloat16),
+        None => Ok(Kind::Float),
+        Some("f32" | "float32") => Ok(Kind::Float),
+        Some("f16" | "float16") => Ok(Kind::Half),
+        Some("bf16" | "bfloat16") => Ok(Kind::BFloat16),
+        Some(s) => Err(Error::Input(format!(
+            "bad dtype `{s}`: expected f32, f16 or bf16"
+        ))),
+    }
+}
+
+/// Waits for queued device work, so a host clock read after it measures finished work.
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses() {
+        assert_eq!(parse_device(Some("cpu")).unwrap(), Device::Cpu);
+        assert!(parse_device(Some("tpu")).is_err());
+        assert!(parse_device(Some("cuda:x")).is_err());
+        assert!(parse_device(Some("cuda:99")).is_err());
+        assert_eq!(parse_dtype(None, Device::Cpu).unwrap(), Kind::Float);
+        assert_eq!(
+            parse_dtype(Some("bf16"), Device::Cpu).unwrap(),
+            Kind::BFloat16
+        );
+        assert!(parse_dtype(Some("int8"), Device::Cpu)
+            .unwrap_err()
+            .to_string()
+            .contains("int8"));
+    }
+}

@@ -1,0 +1,289 @@
+//! The LLaMA decoder, split so that any range of layers can run on its own.
+//!
+//! EESD needs the model in pieces: `embed`, then `forward_layers(0..N)` (shared by draft and
+//! verify), then `forward_layers(N..L)`, `final_norm`, `logits`. Running `0..L` in one call is
+//! plain decoding. All shapes are batch-first: hidden states `[B, T, H]`.
+
+use crate::cache::KvCache;
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::rope::{self, Rope};
+use crate::weights::Weights;
+use std::ops::Range;
+use tch::{Device, Kind, Tensor};
+
+/// RMSNorm with the variance computed in f32 (as transformers does), output in the input dtype.
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Weights, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.get(&format!("{name}.weight"), &[size as i64])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.square().mean_dim(-1, true, Kind::Float);
+        let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);
+        normed * &self.weight
+    }
+}
+
+/// Self-attention with grouped KV heads and rotary positions.
+pub struct Attention {
+    pub q_proj: Tensor,
+    pub k_proj: Tensor,
+    pub v_proj: Tensor,
+    pub o_proj: Tensor,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+/// The SwiGLU feed-forward block.
+pub struct Mlp {
+    pub gate_proj: Tensor,
+    pub up_proj: Tensor,
+    pub down_proj: Tensor,
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+fn linear(x: &Tensor, w: &Tensor) -> Tensor {
+    x.linear::<&Tensor>(w, None)
+}
+
+impl Attention {
+    fn load(w: &Weights, p: &str, cfg: &LlamaConfig) -> Result<Self> {
+        let (h, nh, nkv, hd) = (
+            cfg.hidden_size as i64,
+            cfg.num_heads as i64,
+            cfg.num_kv_heads as i64,
+            cfg.head_dim as i64,
+        );
+        Ok(Attention {
+            q_proj: w.get(&format!("{p}.q_proj.weight"), &[nh * hd, h])?,
+            k_proj: w.get(&format!("{p}.k_proj.weight"), &[nkv * hd, h])?,
+            v_proj: w.get(&format!("{p}.v_proj.weight"), &[nkv * hd, h])?,
+            o_proj: w.get(&format!("{p}.o_proj.weight"), &[h, nh * hd])?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// `x` `[B, T, H]` at cache offset `cache.len` -> `[B, T, H]`; appends T entries to `cache`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: &mut crate::cache::LayerCache,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden is [B, T, H]");
+        let q = linear(x, &self.q_proj)
+            .view([b, t, self.num_heads, self.head_dim])
+            .transpose(1, 2);
+        let k = linear(x, &self.k_proj)
+            .view([b, t, self.num_kv_heads, self.head_dim])
+            .transpose(1, 2);
+        let v = linear(x, &self.v_proj)
+            .view([b, t, self.num_kv_heads, self.head_dim])
+            .transpose(1, 2);
+        let q = rope::apply(&q, cos, sin);
+        let k = rope::apply(&k, cos, sin);
+        // Write the new entries into the preallocated buffers, then attend over [0, len + T).
+        let start = cache.len;
+        cache.k.narrow(2, start, t).copy_(&k);
+        cache.v.narrow(2, start, t).copy_(&v);
+        cache.len = start + t;
+        let keys = cache.k.narrow(2, 0, cache.len);
+        let values = cache.v.narrow(2, 0, cache.len);
+        // An explicit offset-aware mask: `is_causal` is wrong when T differs from the key
+        // length (EESD.md section 5). GQA is handled by SDPA itself.
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &keys,
+            &values,
+            Some(mask),
+            0.0,
+            false,
+            None,
+            self.num_kv_heads != self.num_heads,
+        ); // [B, nh, T, hd]
+        let out = out
+            .transpose(1, 2)
+            .reshape([b, t, self.num_heads * self.head_dim]);
+        linear(&out, &self.o_proj)
+    }
+}
+
+impl Mlp {
+    fn load(w: &Weights, p: &str, cfg: &LlamaConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
+        Ok(Mlp {
+            gate_proj: w.get(&format!("{p}.gate_proj.weight"), &[i, h])?,
+            up_proj: w.get(&format!("{p}.up_proj.weight"), &[i, h])?,
+            down_proj: w.get(&format!("{p}.down_proj.weight"), &[h, i])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let gate = linear(x, &self.gate_proj).silu();
+        linear(&(gate * linear(x, &self.up_proj)), &self.down_proj)
+    }
+}
+
+impl DecoderLayer {
+    /// Loads layer weights stored under prefix `p` (`model.layers.{i}`).
+    pub fn load(w: &Weights, p: &str, cfg: &LlamaConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: &mut crate::cache::LayerCache,
+    ) -> Tensor {
+        let x = x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), cos, sin, mask, cache);
+        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
+    }
+}
+
+/// A LLaMA causal LM.
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `[V, H]`; the embedding matrix itself when embeddings are tied.
+    pub lm_head: Tensor,
+    pub rope: Rope,
+    pub kind: Kind,
+    pub device: Device,
+}
+
+impl Llama {
+    /// Builds the model from HF-named weights. Unused checkpoint tensors are returned so the
+    /// caller can report them.
+    pub fn load(cfg: LlamaConfig, w: &Weights) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size as i64, cfg.hidden_size as i64);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(w, &format!("model.layers.{i}"), &cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(w, "model.norm", cfg.hidden_size, cfg.rms_norm_eps)?;
+        // Some tied checkpoints still carry an lm_head copy; a tied config ignores it.
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            w.get("lm_head.weight", &[v, h])?
+        };
+        let rope = Rope::new(&cfg, cfg.max_position_embeddings, w.kind, w.device);
+        Ok(Llama {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            kind: w.kind,
+            device: w.device,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// A cache sized for this model.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        KvCache::new(&self.cfg, batch, capacity, self.kind, self.device)
+    }
+
+    /// Token ids `[B, T]` -> hidden states `[B, T, H]`.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+    }
+
+    /// Runs layers `range` over `hidden` `[B, T, H]`, appending T positions to each of those
+    /// layers' caches. All layers of the range must hold the same cache length.
+    pub fn forward_layers(
+        &self,
+        hidden: &Tensor,
+        range: Range<usize>,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        if range.is_empty() {
+            return hidden.shallow_clone();
+        }
+        let t = hidden.size()[1];
+        let offset = cache.len(range.start);
+        debug_assert!(
+            range.clone().all(|i| cache.len(i) == offset),
+            "layers of one range must share a cache length"
+        );
+        assert!(
+            offset + t <= cache.capacity(),
+            "KV cache overflow: {} + {t} > {}",
+            offset,
+            cache.capacity()
+        );
+        let (cos, sin) = self.rope.tables(&cache.positions(offset, t));
+        let mask = cache.mask(offset, t);
+        let mut x = hidden.shallow_clone();
+        for i in range {
+            x = self.layers[i].forward(&x, &cos, &sin, &mask, &mut cache.layers[i]);
+        }
+        x
+    }
+
+    pub fn final_norm(&self, hidden: &Tensor) -> Tensor {
+        self.norm.forward(hidden)
+    }
+
+    /// Normalised hidden `[B, T, H]` -> logits `[B, T, V]` in f32.
+    pub fn logits(&self, normed: &Tensor) -> Tensor {
+        linear(normed, &self.lm_head).to_kind(Kind::Float)
+    }
+
+    /// The whole model over `ids` `[B, T]`: logits `[B, T, V]` (f32), caches advanced by T.
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        let h = self.embed(ids);
+        let h = self.forward_layers(&h, 0..self.num_layers(), cache);
+        self.logits(&self.final_norm(&h))
+    }
+}

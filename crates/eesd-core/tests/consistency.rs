@@ -1,0 +1,128 @@
+//! The cache and layer-range identities the speculative decoder relies on.
+
+mod common;
+use common::*;
+use tch::{Kind, Tensor};
+
+const TOL: f64 = 1e-4;
+
+/// Logits of a fresh full forward over `ids` `[1, T]`.
+fn full(model: &eesd_core::model::Llama, ids: &Tensor) -> Tensor {
+    let mut cache = model.new_cache(1, ids.size()[1] + 8);
+    model.forward(ids, &mut cache)
+}
+
+#[test]
+fn incremental_decoding_equals_full_forward() {
+    let _g = tch::no_grad_guard();
+    for name in CASES {
+        let m = load(name);
+        let ids = ids(1, 24, m.cfg.vocab_size as i64, 1);
+        let want = full(&m, &ids);
+        let mut cache = m.new_cache(1, 32);
+        let mut got = vec![m.forward(&ids.narrow(1, 0, 10), &mut cache)];
+        for i in 10..24 {
+            got.push(m.forward(&ids.narrow(1, i, 1), &mut cache));
+        }
+        let d = max_diff(&Tensor::cat(&got, 1), &want);
+        assert!(d <= TOL, "{name}: {d:e}");
+    }
+}
+
+#[test]
+fn split_layer_ranges_equal_the_whole() {
+    let _g = tch::no_grad_guard();
+    for name in CASES {
+        let m = load(name);
+        let l = m.num_layers();
+        let ids = ids(1, 16, m.cfg.vocab_size as i64, 2);
+        let want = full(&m, &ids);
+        for n in 1..l {
+            let mut cache = m.new_cache(1, 16);
+            let h = m.forward_layers(&m.embed(&ids), 0..n, &mut cache);
+            let h = m.forward_layers(&h, n..l, &mut cache);
+            let d = max_diff(&m.logits(&m.final_norm(&h)), &want);
+            assert!(d <= TOL, "{name} N={n}: {d:e}");
+        }
+        // [0, N) may run ahead of [N, L) (drafting), and [N, L) catches up in one call.
+        let mut cache = m.new_cache(1, 16);
+        let mut lower = Vec::new();
+        for i in 0..16 {
+            lower.push(m.forward_layers(&m.embed(&ids.narrow(1, i, 1)), 0..1, &mut cache));
+        }
+        assert_eq!((cache.len(0), cache.len(l - 1)), (16, 0));
+        let h = m.forward_layers(&Tensor::cat(&lower, 1), 1..l, &mut cache);
+        let d = max_diff(&m.logits(&m.final_norm(&h)), &want);
+        assert!(d <= TOL, "{name} lagging upper layers: {d:e}");
+    }
+}
+
+#[test]
+fn truncate_then_recompute_equals_a_fresh_run() {
+    let _g = tch::no_grad_guard();
+    for name in CASES {
+        let m = load(name);
+        let v = m.cfg.vocab_size as i64;
+        let a = ids(1, 20, v, 3);
+        let b = ids(1, 6, v, 4);
+        let mut cache = m.new_cache(1, 32);
+        let _ = m.forward(&a, &mut cache); // 20 positions, then roll back the last 6 ...
+        cache.truncate(14);
+        assert_eq!(cache.len(0), 14);
+        let got = m.forward(&b, &mut cache); // ... and write 6 others there
+        let want = full(&m, &Tensor::cat(&[a.narrow(1, 0, 14), b], 1)).narrow(1, 14, 6);
+        let d = max_diff(&got, &want);
+        assert!(d <= TOL, "{name}: {d:e}");
+    }
+}
+
+#[test]
+fn multi_token_step_equals_single_steps() {
+    let _g = tch::no_grad_guard();
+    for name in CASES {
+        let m = load(name);
+        let ids = ids(1, 18, m.cfg.vocab_size as i64, 5);
+        let mut c1 = m.new_cache(1, 18);
+        let _ = m.forward(&ids.narrow(1, 0, 12), &mut c1);
+        let multi = m.forward(&ids.narrow(1, 12, 6), &mut c1);
+        let mut c2 = m.new_cache(1, 18);
+        let _ = m.forward(&ids.narrow(1, 0, 12), &mut c2);
+        let singles: Vec<Tensor> = (12..18)
+            .map(|i| m.forward(&ids.narrow(1, i, 1), &mut c2))
+            .collect();
+        let d = max_diff(&multi, &Tensor::cat(&singles, 1));
+        assert!(d <= TOL, "{name}: {d:e}");
+    }
+}
+
+#[test]
+fn left_padded_batch_equals_rows_run_alone() {
+    let _g = tch::no_grad_guard();
+    let m = load("gqa_tied_headdim");
+    let v = m.cfg.vocab_size as i64;
+    let (long, short) = (ids(1, 12, v, 6), ids(1, 7, v, 7));
+    let padded = Tensor::cat(
+        &[
+            Tensor::zeros([1, 5], (Kind::Int64, long.device())),
+            short.shallow_clone(),
+        ],
+        1,
+    );
+    let batch = Tensor::cat(&[long.shallow_clone(), padded], 0);
+    let mut cache = m.new_cache(2, 16);
+    cache.set_left_padding(&[0, 5]);
+    let mut got = vec![m.forward(&batch, &mut cache)];
+    // Two decode steps for both rows at once.
+    let next = ids(2, 2, v, 8);
+    got.push(m.forward(&next.narrow(1, 0, 1), &mut cache));
+    got.push(m.forward(&next.narrow(1, 1, 1), &mut cache));
+    let got = Tensor::cat(&got, 1); // [2, 14, V]
+    let want0 = full(&m, &Tensor::cat(&[long, next.get(0).unsqueeze(0)], 1));
+    let want1 = full(&m, &Tensor::cat(&[short, next.get(1).unsqueeze(0)], 1));
+    assert!(max_diff(&got.get(0), &want0.get(0)) <= TOL);
+    assert!(max_diff(&got.get(1).narrow(0, 5, 9), &want1.get(0)) <= TOL);
+    assert!(
+        bool::try_from(got.isfinite().all()).unwrap(),
+        "padding rows stay finite"
+    );
+}

@@ -1,0 +1,6 @@
+//! EESD inference: plain decoding (this crate's baseline), statistics, prompt input and the
+//! decode benchmark. The CLI in `main.rs` only parses flags and calls into here.
+pub mod bench;
+pub mod plain;
+pub mod prompts;
+pub mod stats;

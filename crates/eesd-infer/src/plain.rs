@@ -1,0 +1,121 @@
+//! Plain autoregressive decoding: one full forward pass per token. The baseline every
+//! speedup is measured against, and the reference the speculative path must equal.
+
+use crate::stats::DecodeStats;
+use eesd_core::device::synchronize;
+use eesd_core::model::Llama;
+use eesd_core::sampling::SamplingParams;
+use eesd_core::{Error, Result};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// What to generate and when to stop.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends after emitting any of these (the token itself is kept, as in HF).
+    pub eos_ids: Vec<u32>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    MaxNewTokens,
+    /// The model's context (`max_position_embeddings`) is full.
+    ContextFull,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids, EOS included when it ended the generation.
+    pub ids: Vec<u32>,
+    pub stop: StopReason,
+    pub stats: DecodeStats,
+}
+
+/// Checks a prompt against the model before any work: not empty, room for one new token.
+pub fn check_prompt(model: &Llama, prompt: &[u32]) -> Result<()> {
+    let ctx = model.cfg.max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(Error::Input("the prompt is empty (0 tokens)".into()));
+    }
+    if prompt.len() >= ctx {
+        return Err(Error::Input(format!(
+            "the prompt has {} tokens but the model's context is {ctx}: at most {} fit with one new token",
+            prompt.len(),
+            ctx - 1
+        )));
+    }
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
+        return Err(Error::Input(format!(
+            "token id {bad} is outside the model's vocabulary of {}",
+            model.cfg.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// Generates up to `opts.max_new_tokens` after `prompt` with a single sequence.
+/// `on_token` sees the generated ids so far after each new one (for streaming).
+pub fn generate(
+    model: &Llama,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(&[u32]),
+) -> Result<Generation> {
+    let _guard = tch::no_grad_guard();
+    check_prompt(model, prompt)?;
+    let ctx = model.cfg.max_position_embeddings;
+    let capacity = ctx.min(prompt.len() + opts.max_new_tokens.max(1));
+    let mut cache = model.new_cache(1, capacity as i64);
+    let device = model.device;
+    let mut stats = DecodeStats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
+    let mut ids: Vec<u32> = Vec::with_capacity(opts.max_new_tokens);
+    if opts.max_new_tokens == 0 {
+        return Ok(Generation {
+            ids,
+            stop: StopReason::MaxNewTokens,
+            stats,
+        });
+    }
+
+    // Prefill: the whole prompt in one pass gives the first new token.
+    synchronize(device);
+    let t0 = Instant::now();
+    let input: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let input = Tensor::from_slice(&input).to_device(device).unsqueeze(0);
+    let logits = model.forward(&input, &mut cache);
+    let mut next = opts.sampling.select(&logits.select(1, -1));
+    let mut token = next.int64_value(&[0]) as u32;
+    stats.prefill_seconds = t0.elapsed().as_secs_f64();
+
+    // Decode: one token in, one token out, until EOS, the limit or a full context.
+    let t1 = Instant::now();
+    let stop = loop {
+        ids.push(token);
+        on_token(&ids);
+        if opts.eos_ids.contains(&token) {
+            break StopReason::Eos;
+        }
+        if ids.len() >= opts.max_new_tokens {
+            break StopReason::MaxNewTokens;
+        }
+        // Like HF's max_length: prompt plus output never exceed the context.
+        if prompt.len() + ids.len() >= ctx {
+            break StopReason::ContextFull;
+        }
+        let logits = model.forward(&next.view([1, 1]).to_kind(Kind::Int64), &mut cache);
+        next = opts.sampling.select(&logits.select(1, 0));
+        token = next.int64_value(&[0]) as u32;
+    };
+    synchronize(device);
+    stats.decode_seconds = t1.elapsed().as_secs_f64();
+    stats.new_tokens = ids.len();
+    Ok(Generation { ids, stop, stats })
+}

@@ -1,0 +1,304 @@
+//! The CLI end to end on the tiny fixture model (word-level tokenizer, 128-token context):
+//! output contract of `--json`, and a clear error with non-zero exit for each bad input.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../eesd-core/tests/fixtures/mha_untied")
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_eesd-infer"))
+        .args(args)
+        .output()
+        .expect("run eesd-infer")
+}
+
+/// Fails with exit code != 0, a message containing `needle`, and no panic.
+fn assert_clean_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("eesd-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn model() -> String {
+    fixture().display().to_string()
+}
+
+#[test]
+fn json_output_has_the_contract_fields() {
+    let m = model();
+    let out = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--device",
+        "cpu",
+        "--prompt",
+        "w5 w6 w7",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for k in ["id", "text", "prompt_ids", "ids", "stats"] {
+        assert!(v.get(k).is_some(), "missing {k}: {v}");
+    }
+    for k in [
+        "prompt_tokens",
+        "new_tokens",
+        "decode_seconds",
+        "decode_tokens_per_s",
+    ] {
+        assert!(v["stats"][k].is_number(), "stats.{k}: {v}");
+    }
+    assert_eq!(v["prompt_ids"], serde_json::json!([5, 6, 7]));
+    let n = v["ids"].as_array().unwrap().len();
+    assert!((1..=5).contains(&n) && v["stats"]["new_tokens"] == n);
+}
+
+#[test]
+fn chat_and_prompt_file_and_sampling() {
+    let d = tmpdir("pf");
+    let f = d.join("p.jsonl");
+    std::fs::write(
+        &f,
+        "{\"id\": \"a\", \"prompt\": \"w9 w10\"}\n{\"id\": \"b\", \"prompt\": \"w11\"}\n",
+    )
+    .unwrap();
+    let (m, fp) = (model(), f.display().to_string());
+    let args = [
+        "generate",
+        "--model",
+        &m,
+        "--prompt-file",
+        &fp,
+        "--chat",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "20",
+        "--seed",
+        "3",
+    ];
+    let out = run(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["id"], "a");
+    // `<s> user w9 w10 </s> <s> assistant` from the fixture's chat template.
+    assert_eq!(
+        lines[0]["prompt_ids"],
+        serde_json::json!([1, 3, 9, 10, 2, 1, 4])
+    );
+    // Same seed, same sample.
+    let ids = |o: &Output| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["ids"].clone())
+            .collect()
+    };
+    assert_eq!(ids(&run(&args)), ids(&out));
+}
+
+#[test]
+fn missing_model_folder() {
+    let out = run(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt",
+        "w5",
+    ]);
+    assert_clean_error(&out, "model folder not found");
+}
+
+#[test]
+fn offline_hub_id_not_in_cache() {
+    let out = Command::new(env!("CARGO_BIN_EXE_eesd-infer"))
+        .args([
+            "generate",
+            "--model",
+            "nobody/no-such-model",
+            "--prompt",
+            "w5",
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", tmpdir("hf"))
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "HF_HUB_OFFLINE");
+}
+
+fn copy_fixture(tag: &str) -> PathBuf {
+    let d = tmpdir(tag);
+    for e in std::fs::read_dir(fixture()).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+    }
+    d
+}
+
+#[test]
+fn truncated_safetensors() {
+    let d = copy_fixture("trunc");
+    let f = d.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "w5"]);
+    assert_clean_error(&out, "invalid safetensors file");
+}
+
+#[test]
+fn corrupt_safetensors_header() {
+    let d = copy_fixture("corrupt");
+    let f = d.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    for b in bytes.iter_mut().skip(8).take(16) {
+        *b = b'#';
+    }
+    std::fs::write(&f, &bytes).unwrap();
+    let out = run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "w5"]);
+    assert_clean_error(&out, "invalid safetensors file");
+}
+
+#[test]
+fn wrong_dtype_flag() {
+    let m = model();
+    assert_clean_error(
+        &run(&[
+            "generate", "--model", &m, "--prompt", "w5", "--dtype", "int8",
+        ]),
+        "bad dtype `int8`",
+    );
+}
+
+#[test]
+fn wrong_device_flag() {
+    let m = model();
+    assert_clean_error(
+        &run(&[
+            "generate", "--model", &m, "--prompt", "w5", "--device", "tpu",
+        ]),
+        "bad device",
+    );
+}
+
+#[test]
+fn empty_prompt() {
+    let m = model();
+    assert_clean_error(
+        &run(&["generate", "--model", &m, "--prompt", "  "]),
+        "empty",
+    );
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let m = model();
+    let long: Vec<String> = (0..200).map(|i| format!("w{}", 5 + i % 100)).collect();
+    let out = run(&["generate", "--model", &m, "--prompt", &long.join(" ")]);
+    assert_clean_error(&out, "context is 128");
+}
+
+#[test]
+fn generation_stops_cleanly_at_the_context_limit() {
+    let m = model();
+    let prompt: Vec<String> = (0..120).map(|i| format!("w{}", 5 + i % 100)).collect();
+    let out = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        &prompt.join(" "),
+        "--max-new-tokens",
+        "50",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = v["ids"].as_array().unwrap().len();
+    // Stops at EOS or at the context end: never beyond 128 positions.
+    assert!(120 + n <= 128, "{n} new tokens after 120");
+    if v["stats"]["stop_reason"] != "eos" {
+        assert_eq!(v["stats"]["stop_reason"], "context_full");
+    }
+}
+
+#[test]
+fn bad_sampling_values() {
+    let m = model();
+    assert_clean_error(
+        &run(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "w5",
+            "--temperature",
+            "-1",
+        ]),
+        "temperature must be >= 0",
+    );
+    assert_clean_error(
+        &run(&["generate", "--model", &m, "--prompt", "w5", "--top-p", "0"]),
+        "top-p must be in (0, 1]",
+    );
+    assert_clean_error(
+        &run(&[
+            "generate", "--model", &m, "--prompt", "w5", "--top-p", "1.5",
+        ]),
+        "top-p must be in (0, 1]",
+    );
+}
+
+#[test]
+fn missing_prompt_file() {
+    let m = model();
+    assert_clean_error(
+        &run(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt-file",
+            "/nonexistent.jsonl",
+        ]),
+        "cannot read prompt file",
+    );
+}
