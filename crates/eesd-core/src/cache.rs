@@ -91,6 +91,16 @@ impl KvCache {
         (ar.unsqueeze(0) - self.pad.unsqueeze(1)).clamp_min(0)
     }
 
+    /// The mask for [`Self::mask`], or `None` when it would allow everything: one query and no
+    /// padding, the common decode step, where SDPA then takes its unmasked path.
+    pub fn mask_if_needed(&self, offset: i64, t: i64) -> Option<Tensor> {
+        if t == 1 && self.pad_host.iter().all(|&p| p == 0) {
+            None
+        } else {
+            Some(self.mask(offset, t))
+        }
+    }
+
     /// Attention mask for `t` queries at `offset` over `offset + t` keys: `[B, 1, T, S]`, true
     /// where attention is allowed. Causal with the offset (a query sees its own and earlier
     /// positions, never later ones), and padding keys are never seen, except that a padding

@@ -28,6 +28,10 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
+        if kind == Kind::Float {
+            // One fused kernel; same math as below when nothing needs casting.
+            return x.rms_norm([self.weight.size()[0]], Some(&self.weight), self.eps);
+        }
         let xf = x.to_kind(Kind::Float);
         let var = xf.square().mean_dim(-1, true, Kind::Float);
         let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);
@@ -36,21 +40,24 @@ impl RmsNorm {
 }
 
 /// Self-attention with grouped KV heads and rotary positions.
+///
+/// q, k and v projections are stored as one `[(nh + 2 nkv) * hd, H]` matrix (rows in that
+/// order): at batch 1 decoding is a chain of matrix-vector products, and one larger product
+/// reads the same bytes with less per-call overhead than three small ones.
 pub struct Attention {
-    pub q_proj: Tensor,
-    pub k_proj: Tensor,
-    pub v_proj: Tensor,
+    pub qkv_proj: Tensor,
     pub o_proj: Tensor,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
 }
 
-/// The SwiGLU feed-forward block.
+/// The SwiGLU feed-forward block; gate and up projections fused as `[2 I, H]` (gate rows first),
+/// for the same reason as the fused qkv projection.
 pub struct Mlp {
-    pub gate_proj: Tensor,
-    pub up_proj: Tensor,
+    pub gate_up_proj: Tensor,
     pub down_proj: Tensor,
+    intermediate: i64,
 }
 
 pub struct DecoderLayer {
@@ -72,10 +79,11 @@ impl Attention {
             cfg.num_kv_heads as i64,
             cfg.head_dim as i64,
         );
+        let q = w.get(&format!("{p}.q_proj.weight"), &[nh * hd, h])?;
+        let k = w.get(&format!("{p}.k_proj.weight"), &[nkv * hd, h])?;
+        let v = w.get(&format!("{p}.v_proj.weight"), &[nkv * hd, h])?;
         Ok(Attention {
-            q_proj: w.get(&format!("{p}.q_proj.weight"), &[nh * hd, h])?,
-            k_proj: w.get(&format!("{p}.k_proj.weight"), &[nkv * hd, h])?,
-            v_proj: w.get(&format!("{p}.v_proj.weight"), &[nkv * hd, h])?,
+            qkv_proj: Tensor::cat(&[q, k, v], 0),
             o_proj: w.get(&format!("{p}.o_proj.weight"), &[h, nh * hd])?,
             num_heads: nh,
             num_kv_heads: nkv,
@@ -89,21 +97,19 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         cache: &mut crate::cache::LayerCache,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden is [B, T, H]");
-        let q = linear(x, &self.q_proj)
-            .view([b, t, self.num_heads, self.head_dim])
-            .transpose(1, 2);
-        let k = linear(x, &self.k_proj)
-            .view([b, t, self.num_kv_heads, self.head_dim])
-            .transpose(1, 2);
-        let v = linear(x, &self.v_proj)
-            .view([b, t, self.num_kv_heads, self.head_dim])
-            .transpose(1, 2);
-        let q = rope::apply(&q, cos, sin);
-        let k = rope::apply(&k, cos, sin);
+        let (nh, nkv) = (self.num_heads, self.num_kv_heads);
+        let qkv = linear(x, &self.qkv_proj)
+            .view([b, t, nh + 2 * nkv, self.head_dim])
+            .transpose(1, 2); // [B, nh + 2 nkv, T, hd]
+                              // q and k heads rotate together in one pass.
+        let qk = rope::apply(&qkv.narrow(1, 0, nh + nkv), cos, sin);
+        let q = qk.narrow(1, 0, nh);
+        let k = qk.narrow(1, nh, nkv);
+        let v = qkv.narrow(1, nh + nkv, nkv);
         // Write the new entries into the preallocated buffers, then attend over [0, len + T).
         let start = cache.len;
         cache.k.narrow(2, start, t).copy_(&k);
@@ -117,7 +123,7 @@ impl Attention {
             &q,
             &keys,
             &values,
-            Some(mask),
+            mask,
             0.0,
             false,
             None,
@@ -133,16 +139,22 @@ impl Attention {
 impl Mlp {
     fn load(w: &Weights, p: &str, cfg: &LlamaConfig) -> Result<Self> {
         let (h, i) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
+        let gate = w.get(&format!("{p}.gate_proj.weight"), &[i, h])?;
+        let up = w.get(&format!("{p}.up_proj.weight"), &[i, h])?;
         Ok(Mlp {
-            gate_proj: w.get(&format!("{p}.gate_proj.weight"), &[i, h])?,
-            up_proj: w.get(&format!("{p}.up_proj.weight"), &[i, h])?,
+            gate_up_proj: Tensor::cat(&[gate, up], 0),
             down_proj: w.get(&format!("{p}.down_proj.weight"), &[h, i])?,
+            intermediate: i,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let gate = linear(x, &self.gate_proj).silu();
-        linear(&(gate * linear(x, &self.up_proj)), &self.down_proj)
+        let gate_up = linear(x, &self.gate_up_proj);
+        let gate = gate_up.narrow(-1, 0, self.intermediate).silu();
+        linear(
+            &(gate * gate_up.narrow(-1, self.intermediate, self.intermediate)),
+            &self.down_proj,
+        )
     }
 }
 
@@ -173,7 +185,7 @@ impl DecoderLayer {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         cache: &mut crate::cache::LayerCache,
     ) -> Tensor {
         let x = x + self
@@ -263,10 +275,10 @@ impl Llama {
             cache.capacity()
         );
         let (cos, sin) = self.rope.tables(&cache.positions(offset, t));
-        let mask = cache.mask(offset, t);
+        let mask = cache.mask_if_needed(offset, t);
         let mut x = hidden.shallow_clone();
         for i in range {
-            x = self.layers[i].forward(&x, &cos, &sin, &mask, &mut cache.layers[i]);
+            x = self.layers[i].forward(&x, &cos, &sin, mask.as_ref(), &mut cache.layers[i]);
         }
         x
     }

@@ -6,7 +6,9 @@
 use crate::config::{LlamaConfig, RopeScaling};
 use tch::{Device, Kind, Tensor};
 
-/// Precomputed cos/sin tables, `[max_positions, head_dim]`, in the model's dtype.
+/// Precomputed tables, `[max_positions, head_dim]`, in the model's dtype: `cos` is
+/// `[cos θ, cos θ]` and `sin` is `[-sin θ, sin θ]`, the sign of rotate-half folded in, so that
+/// the rotation is `x * cos + swap_halves(x) * sin` with no negation at run time.
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -56,10 +58,14 @@ impl Rope {
             pos /= factor;
         }
         let freqs = pos.unsqueeze(1) * inv.unsqueeze(0); // [P, d/2]
-        let emb = Tensor::cat(&[&freqs, &freqs], 1); // [P, d]
+        let (cos, sin) = (freqs.cos(), freqs.sin());
         Rope {
-            cos: emb.cos().to_kind(kind).to_device(device),
-            sin: emb.sin().to_kind(kind).to_device(device),
+            cos: Tensor::cat(&[&cos, &cos], 1)
+                .to_kind(kind)
+                .to_device(device),
+            sin: Tensor::cat(&[-&sin, sin], 1)
+                .to_kind(kind)
+                .to_device(device),
         }
     }
 
@@ -82,6 +88,5 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
     let x1 = x.narrow(3, 0, half);
     let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
-    x * cos + rotated * sin
+    x * cos + Tensor::cat(&[x2, x1], 3) * sin
 }
