@@ -27,13 +27,25 @@ pub struct KvCache {
 impl KvCache {
     /// Room for `capacity` positions per row (padding included) in every layer.
     pub fn new(cfg: &LlamaConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
+        Self::with_layers(cfg, cfg.num_layers, batch, capacity, kind, device)
+    }
+
+    /// A cache for `num_layers` layers of the model's shape (the early-exit head's own cache).
+    pub fn with_layers(
+        cfg: &LlamaConfig,
+        num_layers: usize,
+        batch: i64,
+        capacity: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
         let shape = [
             batch,
             cfg.num_kv_heads as i64,
             capacity,
             cfg.head_dim as i64,
         ];
-        let layers = (0..cfg.num_layers)
+        let layers = (0..num_layers)
             .map(|_| LayerCache {
                 k: Tensor::zeros(shape, (kind, device)),
                 v: Tensor::zeros(shape, (kind, device)),

@@ -4,6 +4,8 @@ pub mod cache;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fingerprint;
+pub mod head;
 pub mod model;
 pub mod pretrained;
 pub mod rope;

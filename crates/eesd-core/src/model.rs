@@ -180,6 +180,90 @@ impl DecoderLayer {
         })
     }
 
+    /// Every weight, by mutable reference (the trainer sets `requires_grad` and updates them).
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        vec![
+            &mut self.input_layernorm.weight,
+            &mut self.self_attn.qkv_proj,
+            &mut self.self_attn.o_proj,
+            &mut self.post_attention_layernorm.weight,
+            &mut self.mlp.gate_up_proj,
+            &mut self.mlp.down_proj,
+        ]
+    }
+
+    /// An independent copy (new storage), e.g. to initialise a head from a base layer.
+    pub fn deep_copy(&self) -> Self {
+        let c = |t: &Tensor| t.detach().copy();
+        DecoderLayer {
+            input_layernorm: RmsNorm {
+                weight: c(&self.input_layernorm.weight),
+                eps: self.input_layernorm.eps,
+            },
+            self_attn: Attention {
+                qkv_proj: c(&self.self_attn.qkv_proj),
+                o_proj: c(&self.self_attn.o_proj),
+                ..self.self_attn
+            },
+            post_attention_layernorm: RmsNorm {
+                weight: c(&self.post_attention_layernorm.weight),
+                eps: self.post_attention_layernorm.eps,
+            },
+            mlp: Mlp {
+                gate_up_proj: c(&self.mlp.gate_up_proj),
+                down_proj: c(&self.mlp.down_proj),
+                intermediate: self.mlp.intermediate,
+            },
+        }
+    }
+
+    /// Weights under their HF names below `prefix` (`{prefix}.self_attn.q_proj.weight`, ...),
+    /// the fused projections split back, so saved layers load like any HF layer.
+    pub fn named_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let a = &self.self_attn;
+        let (q, kv) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+        let i = self.mlp.intermediate;
+        let part = |t: &Tensor, start: i64, len: i64| t.narrow(0, start, len).contiguous();
+        vec![
+            (
+                format!("{prefix}.input_layernorm.weight"),
+                self.input_layernorm.weight.shallow_clone(),
+            ),
+            (
+                format!("{prefix}.self_attn.q_proj.weight"),
+                part(&a.qkv_proj, 0, q),
+            ),
+            (
+                format!("{prefix}.self_attn.k_proj.weight"),
+                part(&a.qkv_proj, q, kv),
+            ),
+            (
+                format!("{prefix}.self_attn.v_proj.weight"),
+                part(&a.qkv_proj, q + kv, kv),
+            ),
+            (
+                format!("{prefix}.self_attn.o_proj.weight"),
+                a.o_proj.shallow_clone(),
+            ),
+            (
+                format!("{prefix}.post_attention_layernorm.weight"),
+                self.post_attention_layernorm.weight.shallow_clone(),
+            ),
+            (
+                format!("{prefix}.mlp.gate_proj.weight"),
+                part(&self.mlp.gate_up_proj, 0, i),
+            ),
+            (
+                format!("{prefix}.mlp.up_proj.weight"),
+                part(&self.mlp.gate_up_proj, i, i),
+            ),
+            (
+                format!("{prefix}.mlp.down_proj.weight"),
+                self.mlp.down_proj.shallow_clone(),
+            ),
+        ]
+    }
+
     pub fn forward(
         &self,
         x: &Tensor,
@@ -193,6 +277,39 @@ impl DecoderLayer {
             .forward(&self.input_layernorm.forward(x), cos, sin, mask, cache);
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
+}
+
+/// Runs `layers` over `hidden` `[B, T, H]`, layer `j` of the slice using cache layer
+/// `cache_range.start + j`. Positions and the mask come from the cache's length and padding.
+/// The early-exit head runs its own layers through this too, with its own cache.
+pub fn run_stack(
+    layers: &[DecoderLayer],
+    cache_range: Range<usize>,
+    rope: &Rope,
+    hidden: &Tensor,
+    cache: &mut KvCache,
+) -> Tensor {
+    if layers.is_empty() {
+        return hidden.shallow_clone();
+    }
+    let t = hidden.size()[1];
+    let offset = cache.len(cache_range.start);
+    debug_assert!(
+        cache_range.clone().all(|i| cache.len(i) == offset),
+        "layers of one range must share a cache length"
+    );
+    assert!(
+        offset + t <= cache.capacity(),
+        "KV cache overflow: {offset} + {t} > {}",
+        cache.capacity()
+    );
+    let (cos, sin) = rope.tables(&cache.positions(offset, t));
+    let mask = cache.mask_if_needed(offset, t);
+    let mut x = hidden.shallow_clone();
+    for (layer, i) in layers.iter().zip(cache_range) {
+        x = layer.forward(&x, &cos, &sin, mask.as_ref(), &mut cache.layers[i]);
+    }
+    x
 }
 
 /// A LLaMA causal LM.
@@ -259,28 +376,13 @@ impl Llama {
         range: Range<usize>,
         cache: &mut KvCache,
     ) -> Tensor {
-        if range.is_empty() {
-            return hidden.shallow_clone();
-        }
-        let t = hidden.size()[1];
-        let offset = cache.len(range.start);
-        debug_assert!(
-            range.clone().all(|i| cache.len(i) == offset),
-            "layers of one range must share a cache length"
-        );
-        assert!(
-            offset + t <= cache.capacity(),
-            "KV cache overflow: {} + {t} > {}",
-            offset,
-            cache.capacity()
-        );
-        let (cos, sin) = self.rope.tables(&cache.positions(offset, t));
-        let mask = cache.mask_if_needed(offset, t);
-        let mut x = hidden.shallow_clone();
-        for i in range {
-            x = self.layers[i].forward(&x, &cos, &sin, mask.as_ref(), &mut cache.layers[i]);
-        }
-        x
+        run_stack(
+            &self.layers[range.clone()],
+            range,
+            &self.rope,
+            hidden,
+            cache,
+        )
     }
 
     pub fn final_norm(&self, hidden: &Tensor) -> Tensor {

@@ -100,6 +100,8 @@ pub struct Pretrained {
     pub tokenizer: Tokenizer,
     /// Checkpoint tensors the model did not use (reported, not fatal).
     pub unused_tensors: Vec<String>,
+    /// Identity of the base model, recorded in heads and teacher data.
+    pub fingerprint: String,
 }
 
 impl Pretrained {
@@ -108,6 +110,7 @@ impl Pretrained {
         let dir = resolve_model_dir(spec)?;
         let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::open_dir(&dir, kind, device)?;
+        let fingerprint = crate::fingerprint::fingerprint(&cfg, &weights.shapes()?);
         let model = Llama::load(cfg, &weights)?;
         let mut unused = weights.unused();
         if model.cfg.tie_word_embeddings {
@@ -119,6 +122,7 @@ impl Pretrained {
             model,
             tokenizer,
             unused_tensors: unused,
+            fingerprint,
         })
     }
 }

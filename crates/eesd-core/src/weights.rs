@@ -146,6 +146,45 @@ impl Weights {
         Ok(t)
     }
 
+    /// Loads `name` without any dtype conversion (integer tensors such as index maps).
+    pub fn get_exact(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let shard = self.shard_of(name, shape)?;
+        let st = SafeTensors::deserialize(&shard.mmap).map_err(|e| st_err(&shard.path, e))?;
+        let view = st.tensor(name).map_err(|e| st_err(&shard.path, e))?;
+        let kind = match view.dtype() {
+            Dtype::I64 => Kind::Int64,
+            Dtype::I32 => Kind::Int,
+            other => {
+                return Err(Error::Dtype {
+                    name: name.to_string(),
+                    found: format!("{other:?}"),
+                })
+            }
+        };
+        let found: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        if found != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        let t = Tensor::f_from_data_size(view.data(), &found, kind)?.f_to_kind(Kind::Int64)?;
+        self.used
+            .lock()
+            .expect("weights lock")
+            .insert(name.to_string());
+        Ok(t.f_to_device(self.device)?)
+    }
+
+    fn shard_of(&self, name: &str, shape: &[i64]) -> Result<&Shard> {
+        let i = self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+        })?;
+        Ok(&self.shards[*i])
+    }
+
     /// Names present in the checkpoint that no `get` asked for.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().expect("weights lock");

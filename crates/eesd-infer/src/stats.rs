@@ -2,17 +2,36 @@
 
 use serde::Serialize;
 
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
 /// Timing and counts of one generation.
 ///
 /// Decode excludes prefill: the first new token comes out of the prefill pass, so
 /// `decode_tokens_per_s` = (new_tokens - 1) / decode_seconds, the rate of the steady
 /// token-by-token phase (the vLLM / mistral.rs convention).
+///
+/// Speculative counters follow vLLM / mistral.rs: acceptance rate = accepted / drafted; mean
+/// accepted length = tokens committed per round, the base's own token included; position i of
+/// `accepted_by_position` = rounds whose i-th draft was accepted / rounds that drafted an i-th.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DecodeStats {
     pub prompt_tokens: usize,
     pub new_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    pub rounds: usize,
+    pub drafted: usize,
+    pub accepted: usize,
+    #[serde(skip)]
+    pub drafted_at: Vec<usize>,
+    #[serde(skip)]
+    pub accepted_at: Vec<usize>,
 }
 
 impl DecodeStats {
@@ -28,10 +47,73 @@ impl DecodeStats {
         }
     }
 
-    /// The JSON object of `--json`: the fields plus the derived rate.
+    /// Counts one verification round that proposed `drafted` tokens and accepted `accepted`.
+    pub fn record_round(&mut self, drafted: usize, accepted: usize) {
+        self.rounds += 1;
+        self.drafted += drafted;
+        self.accepted += accepted;
+        if self.drafted_at.len() < drafted {
+            self.drafted_at.resize(drafted, 0);
+            self.accepted_at.resize(drafted, 0);
+        }
+        for i in 0..drafted {
+            self.drafted_at[i] += 1;
+            self.accepted_at[i] += usize::from(i < accepted);
+        }
+    }
+
+    /// Adds another generation's counts (for totals over prompts).
+    pub fn merge(&mut self, o: &DecodeStats) {
+        self.prompt_tokens += o.prompt_tokens;
+        self.new_tokens += o.new_tokens;
+        self.prefill_seconds += o.prefill_seconds;
+        self.decode_seconds += o.decode_seconds;
+        self.rounds += o.rounds;
+        self.drafted += o.drafted;
+        self.accepted += o.accepted;
+        let n = self.drafted_at.len().max(o.drafted_at.len());
+        self.drafted_at.resize(n, 0);
+        self.accepted_at.resize(n, 0);
+        for i in 0..o.drafted_at.len() {
+            self.drafted_at[i] += o.drafted_at[i];
+            self.accepted_at[i] += o.accepted_at[i];
+        }
+    }
+
+    /// For totals over several generations: decode tokens of all of them.
+    pub fn decode_tokens_total(parts: &[DecodeStats]) -> usize {
+        parts.iter().map(|s| s.decode_tokens()).sum()
+    }
+
+    pub fn acceptance_rate(&self) -> f64 {
+        ratio(self.accepted, self.drafted)
+    }
+
+    /// Tokens committed per round: the decode tokens (the prefill's token is not a round's).
+    pub fn mean_accepted_length(&self) -> f64 {
+        ratio(self.decode_tokens(), self.rounds)
+    }
+
+    pub fn mean_draft_length(&self) -> f64 {
+        ratio(self.drafted, self.rounds)
+    }
+
+    pub fn accepted_by_position(&self) -> Vec<f64> {
+        self.drafted_at
+            .iter()
+            .zip(&self.accepted_at)
+            .map(|(&d, &a)| ratio(a, d))
+            .collect()
+    }
+
+    /// The JSON object of `--json`: the fields plus the derived rates.
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("stats serialise");
         v["decode_tokens_per_s"] = self.decode_tokens_per_s().into();
+        v["acceptance_rate"] = self.acceptance_rate().into();
+        v["mean_accepted_length"] = self.mean_accepted_length().into();
+        v["mean_draft_length"] = self.mean_draft_length().into();
+        v["accepted_by_position"] = self.accepted_by_position().into();
         v
     }
 }

@@ -1,0 +1,377 @@
+//! The early-exit head: the draft model is the base's own layers `[0, N)` plus this head,
+//! `E` decoder layers of the base's shape, an RMSNorm and an LM head (EESD.md section 2).
+//!
+//! On disk a head is a folder with `head.safetensors` (HF-named tensors: `layers.{j}.*`,
+//! `norm.weight`, optionally `lm_head.weight` and `draft_vocab`) and `head.json`
+//! ([`HeadSpec`]). Trainer and decoder both go through this module, so a head written by one
+//! loads in the other by construction.
+
+use crate::cache::KvCache;
+use crate::error::{Error, Result};
+use crate::model::{run_stack, DecoderLayer, Llama, RmsNorm};
+use crate::weights::Weights;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// How the head's layers start before training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadInit {
+    /// A copy of the base's last layer (default): it already maps deep features to the
+    /// output space, which is what the head must learn to do from layer N.
+    LastLayer,
+    /// A copy of base layer N, the layer that would have come next.
+    ExitLayer,
+    Random,
+}
+
+/// Where the head's output projection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LmHeadMode {
+    /// The base's own frozen LM head (default): no extra memory.
+    Shared,
+    /// A trainable copy, saved with the head.
+    Own,
+}
+
+/// `head.json`: the head's shape, what base it belongs to, and how it was trained.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeadSpec {
+    pub format: u32,
+    /// N: the head reads the hidden state after base layer N-1 (layers `[0, N)` run first).
+    pub exit_layer: usize,
+    /// E: decoder layers in the head.
+    pub head_layers: usize,
+    pub init: HeadInit,
+    pub lm_head: LmHeadMode,
+    /// V_d when the draft predicts only the V_d most frequent teacher tokens.
+    pub draft_vocab_size: Option<usize>,
+    pub base_fingerprint: String,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub step: u64,
+    #[serde(default)]
+    pub metrics: serde_json::Value,
+    #[serde(default)]
+    pub training: serde_json::Value,
+}
+
+impl HeadSpec {
+    /// A spec for `base` with the decided defaults (E = 1, last-layer init, shared LM head).
+    pub fn for_base(base: &Llama, fingerprint: &str, exit_layer: usize) -> Self {
+        HeadSpec {
+            format: FORMAT_VERSION,
+            exit_layer,
+            head_layers: 1,
+            init: HeadInit::LastLayer,
+            lm_head: LmHeadMode::Shared,
+            draft_vocab_size: None,
+            base_fingerprint: fingerprint.to_string(),
+            hidden_size: base.cfg.hidden_size,
+            vocab_size: base.cfg.vocab_size,
+            step: 0,
+            metrics: serde_json::Value::Null,
+            training: serde_json::Value::Null,
+        }
+    }
+
+    /// Refuses a spec that cannot work on `base`, saying what was expected and found.
+    pub fn check_against(&self, base: &Llama, fingerprint: &str) -> Result<()> {
+        let bad = |msg: String| Err(Error::Input(msg));
+        let l = base.num_layers();
+        if self.exit_layer == 0 || self.exit_layer >= l {
+            return bad(format!(
+                "exit layer N = {} is outside [1, {}] for a {l}-layer base",
+                self.exit_layer,
+                l - 1
+            ));
+        }
+        if self.head_layers == 0 {
+            return bad("the head needs at least one layer".into());
+        }
+        if self.hidden_size != base.cfg.hidden_size {
+            return bad(format!(
+                "head was trained for hidden size {}, model has {}",
+                self.hidden_size, base.cfg.hidden_size
+            ));
+        }
+        if self.vocab_size != base.cfg.vocab_size {
+            return bad(format!(
+                "head was trained for vocabulary size {}, model has {}",
+                self.vocab_size, base.cfg.vocab_size
+            ));
+        }
+        if self.base_fingerprint != fingerprint {
+            return bad(format!(
+                "head was trained for base model {}, this model is {}",
+                self.base_fingerprint, fingerprint
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct EarlyExitHead {
+    pub spec: HeadSpec,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `[V_d, H]`: the own LM head, or the base's rows for the draft vocabulary.
+    lm_head: Option<Tensor>,
+    /// `[V_d]` i64: draft index -> token id (reduced vocabulary only).
+    pub vocab_map: Option<Tensor>,
+}
+
+fn random_layer(base: &Llama, std: f64) -> DecoderLayer {
+    let mut l = base.layers[0].deep_copy();
+    for t in l.tensors_mut() {
+        let fresh = if t.dim() == 1 {
+            t.ones_like()
+        } else {
+            t.randn_like() * std
+        };
+        *t = fresh;
+    }
+    l
+}
+
+impl EarlyExitHead {
+    /// A new, untrained head for `base`. `draft_vocab` lists the token ids the draft predicts
+    /// (most frequent first) when the vocabulary is reduced.
+    pub fn init(base: &Llama, mut spec: HeadSpec, draft_vocab: Option<&[u32]>) -> Result<Self> {
+        let fp = spec.base_fingerprint.clone();
+        spec.draft_vocab_size = draft_vocab.map(|v| v.len());
+        spec.check_against(base, &fp)?;
+        let l = base.num_layers();
+        let layers = (0..spec.head_layers)
+            .map(|_| match spec.init {
+                HeadInit::LastLayer => base.layers[l - 1].deep_copy(),
+                HeadInit::ExitLayer => base.layers[spec.exit_layer].deep_copy(),
+                HeadInit::Random => random_layer(base, 0.02),
+            })
+            .collect();
+        let norm = RmsNorm {
+            weight: base.norm.weight.detach().copy(),
+            eps: base.norm.eps,
+        };
+        let vocab_map = draft_vocab.map(|v| {
+            let ids: Vec<i64> = v.iter().map(|&t| t as i64).collect();
+            Tensor::from_slice(&ids).to_device(base.device)
+        });
+        let own = match spec.lm_head {
+            LmHeadMode::Own => Some(Self::base_rows(base, vocab_map.as_ref()).copy()),
+            LmHeadMode::Shared => None,
+        };
+        let mut head = EarlyExitHead {
+            spec,
+            layers,
+            norm,
+            lm_head: own,
+            vocab_map,
+        };
+        head.bind_shared(base);
+        Ok(head)
+    }
+
+    fn base_rows(base: &Llama, vocab_map: Option<&Tensor>) -> Tensor {
+        match vocab_map {
+            Some(m) => base.lm_head.index_select(0, m),
+            None => base.lm_head.shallow_clone(),
+        }
+    }
+
+    /// A shared LM head is the base's (restricted to the draft vocabulary): nothing is saved.
+    fn bind_shared(&mut self, base: &Llama) {
+        if self.spec.lm_head == LmHeadMode::Shared {
+            self.lm_head = Some(Self::base_rows(base, self.vocab_map.as_ref()).detach());
+        }
+    }
+
+    /// Loads a head folder and checks it belongs to `base` (identified by `fingerprint`).
+    pub fn load(dir: &Path, base: &Llama, fingerprint: &str) -> Result<Self> {
+        let json = dir.join("head.json");
+        let text = std::fs::read_to_string(&json).map_err(|e| Error::io(&json, e))?;
+        let spec: HeadSpec = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: json.clone(),
+            msg: e.to_string(),
+        })?;
+        if spec.format != FORMAT_VERSION {
+            return Err(Error::Input(format!(
+                "{}: head format {} is not supported (expected {FORMAT_VERSION})",
+                json.display(),
+                spec.format
+            )));
+        }
+        spec.check_against(base, fingerprint)?;
+        let w = Weights::open_files(&[dir.join("head.safetensors")], base.kind, base.device)?;
+        let layers = (0..spec.head_layers)
+            .map(|j| DecoderLayer::load(&w, &format!("layers.{j}"), &base.cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let h = base.cfg.hidden_size;
+        let norm = RmsNorm::load(&w, "norm", h, base.cfg.rms_norm_eps)?;
+        let vocab_map = match spec.draft_vocab_size {
+            Some(vd) => {
+                let m =
+                    Weights::open_files(&[dir.join("head.safetensors")], Kind::Int64, base.device)?;
+                let t = m.get_exact("draft_vocab", &[vd as i64])?;
+                let max = t.max().int64_value(&[]);
+                if max as usize >= base.cfg.vocab_size {
+                    return Err(Error::Input(format!(
+                        "draft_vocab holds token id {max}, beyond the vocabulary"
+                    )));
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        let vd = spec.draft_vocab_size.unwrap_or(base.cfg.vocab_size) as i64;
+        let own = match spec.lm_head {
+            LmHeadMode::Own => Some(w.get("lm_head.weight", &[vd, h as i64])?),
+            LmHeadMode::Shared => None,
+        };
+        let mut head = EarlyExitHead {
+            spec,
+            layers,
+            norm,
+            lm_head: own,
+            vocab_map,
+        };
+        head.bind_shared(base);
+        Ok(head)
+    }
+
+    /// Every tensor that `save` writes, by HF-style name.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = Vec::new();
+        for (j, l) in self.layers.iter().enumerate() {
+            out.extend(l.named_tensors(&format!("layers.{j}")));
+        }
+        out.push(("norm.weight".into(), self.norm.weight.shallow_clone()));
+        if self.spec.lm_head == LmHeadMode::Own {
+            if let Some(w) = &self.lm_head {
+                out.push(("lm_head.weight".into(), w.shallow_clone()));
+            }
+        }
+        if let Some(m) = &self.vocab_map {
+            out.push(("draft_vocab".into(), m.shallow_clone()));
+        }
+        out
+    }
+
+    /// Writes `dir` atomically: a sibling temporary folder is filled, then renamed over `dir`,
+    /// so a crash leaves either the old head or the new one, never a mix.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tmp = sibling(dir, "tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let tensors: Vec<(String, Tensor)> = self
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+                (n, t)
+            })
+            .collect();
+        Tensor::write_safetensors(&tensors, tmp.join("head.safetensors"))?;
+        let json =
+            serde_json::to_string_pretty(&self.spec).map_err(|e| Error::Input(e.to_string()))?;
+        std::fs::write(tmp.join("head.json"), json)
+            .map_err(|e| Error::io(tmp.join("head.json"), e))?;
+        let old = sibling(dir, "old");
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    pub fn draft_vocab_size(&self) -> i64 {
+        self.lm_head.as_ref().map(|w| w.size()[0]).unwrap_or(0)
+    }
+
+    /// A cache for the head's own layers.
+    pub fn new_cache(&self, base: &Llama, batch: i64, capacity: i64) -> KvCache {
+        KvCache::with_layers(
+            &base.cfg,
+            self.layers.len(),
+            batch,
+            capacity,
+            base.kind,
+            base.device,
+        )
+    }
+
+    /// Layer-N hidden states `[B, T, H]` -> head hidden states `[B, T, H]` (before the norm).
+    pub fn forward_hidden(&self, base: &Llama, hidden: &Tensor, cache: &mut KvCache) -> Tensor {
+        run_stack(
+            &self.layers,
+            0..self.layers.len(),
+            &base.rope,
+            hidden,
+            cache,
+        )
+    }
+
+    /// Head hidden states -> draft logits `[B, T, V_d]` in f32.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let w = self.lm_head.as_ref().expect("lm head bound at load");
+        self.norm
+            .forward(hidden)
+            .linear::<&Tensor>(w, None)
+            .to_kind(Kind::Float)
+    }
+
+    /// Layer-N hidden states `[B, T, H]` -> draft logits `[B, T, V_d]`; the head cache grows by T.
+    pub fn forward(&self, base: &Llama, hidden: &Tensor, cache: &mut KvCache) -> Tensor {
+        self.logits(&self.forward_hidden(base, hidden, cache))
+    }
+
+    /// Draft-vocabulary probabilities `[B, V_d]` -> full-vocabulary `[B, V]` (zero elsewhere).
+    pub fn to_full_vocab(&self, probs: &Tensor, vocab: i64) -> Tensor {
+        match &self.vocab_map {
+            None => probs.shallow_clone(),
+            Some(m) => {
+                let b = probs.size()[0];
+                let idx = m.unsqueeze(0).expand([b, -1], false);
+                Tensor::zeros([b, vocab], (probs.kind(), probs.device())).scatter(1, &idx, probs)
+            }
+        }
+    }
+
+    /// Draft indices `[B]` -> token ids `[B]`.
+    pub fn token_ids(&self, idx: &Tensor) -> Tensor {
+        match &self.vocab_map {
+            None => idx.shallow_clone(),
+            Some(m) => m.index_select(0, idx),
+        }
+    }
+
+    /// The trainable tensors (layers, norm, own LM head): what the trainer optimises.
+    pub fn trainable_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v: Vec<&mut Tensor> = Vec::new();
+        for l in &mut self.layers {
+            v.extend(l.tensors_mut());
+        }
+        v.push(&mut self.norm.weight);
+        if self.spec.lm_head == LmHeadMode::Own {
+            if let Some(w) = &mut self.lm_head {
+                v.push(w);
+            }
+        }
+        v
+    }
+}
+
+fn sibling(dir: &Path, tag: &str) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.with_file_name(format!(".{name}.{tag}"))
+}

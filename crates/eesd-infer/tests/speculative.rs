@@ -1,0 +1,238 @@
+//! Losslessness of speculative decoding on the committed tiny models (fast, no setup needed):
+//! greedy output token-identical to plain decoding for every controller, head kind and draft
+//! vocabulary; sampled output distributed as the base's processed distribution (chi-square).
+
+use eesd_core::config::LlamaConfig;
+use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec};
+use eesd_core::model::Llama;
+use eesd_core::sampling::SamplingParams;
+use eesd_core::weights::Weights;
+use eesd_infer::controller::{parse, ThompsonConfig};
+use eesd_infer::cost::CostTracker;
+use eesd_infer::plain::{self, GenerateOptions};
+use eesd_infer::speculative::{generate, Engine, SpecOptions};
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+
+const CONTROLLERS: &[&str] = &[
+    "thompson",
+    "thompson-calibrated",
+    "fixed:1",
+    "fixed:4",
+    "heuristic",
+    "confidence:0.3",
+    "off",
+];
+
+fn device() -> Device {
+    match std::env::var("EESD_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::Cuda(0),
+        _ => Device::Cpu,
+    }
+}
+
+fn load(name: &str) -> Llama {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../eesd-core/tests/fixtures")
+        .join(name);
+    let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+    Llama::load(
+        cfg,
+        &Weights::open_dir(&dir, Kind::Float, device()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// A head for `base`: random (a poor draft) or, at N = L - 1 with a copy of the last layer, an
+/// exact replica of the base (a perfect draft).
+fn head(base: &Llama, init: HeadInit, exit: usize, vocab: Option<&[u32]>) -> EarlyExitHead {
+    tch::manual_seed(42);
+    let mut spec = HeadSpec::for_base(base, "test", exit);
+    spec.init = init;
+    EarlyExitHead::init(base, spec, vocab).unwrap()
+}
+
+fn prompts(base: &Llama, n: usize) -> Vec<Vec<u32>> {
+    tch::manual_seed(7);
+    (0..n)
+        .map(|i| {
+            let len = 3 + (i * 5) % 17;
+            let t = Tensor::randint_low(
+                3,
+                base.cfg.vocab_size as i64,
+                [len as i64],
+                (Kind::Int64, Device::Cpu),
+            );
+            Vec::<i64>::try_from(t)
+                .unwrap()
+                .into_iter()
+                .map(|x| x as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn opts(max_new: usize, sampling: SamplingParams) -> SpecOptions {
+    SpecOptions {
+        gen: GenerateOptions {
+            max_new_tokens: max_new,
+            sampling,
+            eos_ids: vec![2],
+        },
+        time_every: 1,
+        check_invariants: true,
+    }
+}
+
+#[test]
+fn greedy_equals_plain_for_every_controller_and_head() {
+    for model in ["mha_untied", "gqa_tied_headdim", "llama3_rope"] {
+        let base = load(model);
+        let l = base.num_layers();
+        let top: Vec<u32> = (0..64).collect();
+        let heads = [
+            ("random", head(&base, HeadInit::Random, 1, None)),
+            ("perfect", head(&base, HeadInit::LastLayer, l - 1, None)),
+            (
+                "exit-layer init, reduced vocab",
+                head(&base, HeadInit::ExitLayer, 1, Some(&top)),
+            ),
+        ];
+        let o = opts(24, SamplingParams::default());
+        for p in prompts(&base, 6) {
+            let want = plain::generate(&base, &p, &o.gen, |_| {}).unwrap().ids;
+            for (hname, h) in &heads {
+                let engine = Engine::new(&base, Some(h));
+                let mut costs = CostTracker::calibrate(&engine, 6, 16, 2);
+                for name in CONTROLLERS {
+                    let mut c = parse(
+                        name,
+                        &ThompsonConfig {
+                            k_max: 6,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                    let got = generate(&engine, &p, &o, c.as_mut(), &mut costs, |_| {}).unwrap();
+                    assert_eq!(got.ids, want, "{model}, {hname} head, {name}");
+                    let s = &got.stats;
+                    assert!(s.accepted <= s.drafted && s.rounds <= got.ids.len());
+                    if *hname == "perfect" && *name == "fixed:4" && got.ids.len() > 8 {
+                        assert!(
+                            s.acceptance_rate() > 0.99,
+                            "a replica draft is always accepted: {s:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn off_without_a_head_is_plain_decoding() {
+    let base = load("gqa_tied_headdim");
+    let o = opts(20, SamplingParams::default());
+    let engine = Engine::new(&base, None);
+    let mut costs = CostTracker::new(4);
+    for p in prompts(&base, 4) {
+        let want = plain::generate(&base, &p, &o.gen, |_| {}).unwrap().ids;
+        let mut c = parse("thompson", &ThompsonConfig::default()).unwrap();
+        let got = generate(&engine, &p, &o, c.as_mut(), &mut costs, |_| {}).unwrap();
+        assert_eq!(got.ids, want);
+        assert_eq!(got.stats.drafted, 0);
+    }
+}
+
+/// Distribution of the first two generated tokens (the second comes from a speculative round),
+/// over many seeded runs, against the exact marginal computed from the base.
+#[test]
+fn sampled_tokens_follow_the_base_distribution() {
+    let base = load("mha_untied");
+    let l = base.num_layers();
+    let sampling = SamplingParams::new(1.0, 12, 0.9).unwrap();
+    let prompt: Vec<u32> = vec![5, 9, 17, 33];
+    // Exact marginal of the second token: sum over x1 of p(x1) p(x2 | x1).
+    let _g = tch::no_grad_guard();
+    let p1 = {
+        let mut c = base.new_cache(1, 8);
+        let ids = Tensor::from_slice(&[5i64, 9, 17, 33])
+            .to_device(device())
+            .unsqueeze(0);
+        let lg = base.forward(&ids, &mut c).select(1, -1);
+        Vec::<f32>::try_from(sampling.probs(&lg).squeeze().to_device(Device::Cpu)).unwrap()
+    };
+    let v = base.cfg.vocab_size;
+    let mut marginal = vec![0f64; v];
+    // Runs whose first token is EOS (id 2) end there; they are left out on both sides.
+    for (x1, &px1) in p1.iter().enumerate().filter(|&(x, &p)| p > 0.0 && x != 2) {
+        let mut c = base.new_cache(1, 8);
+        let ids = Tensor::from_slice(&[5i64, 9, 17, 33, x1 as i64])
+            .to_device(device())
+            .unsqueeze(0);
+        let lg = base.forward(&ids, &mut c).select(1, -1);
+        let p2 =
+            Vec::<f32>::try_from(sampling.probs(&lg).squeeze().to_device(Device::Cpu)).unwrap();
+        for (x2, &q) in p2.iter().enumerate() {
+            marginal[x2] += px1 as f64 * q as f64;
+        }
+    }
+    // A poor draft: the layer-1 exit with logits scaled by 4, far sharper than the base.
+    let mut poor = head(&base, HeadInit::Random, 1, None);
+    poor.norm.weight = &poor.norm.weight * 4.0;
+    for (hname, h) in [
+        ("poor", poor),
+        ("good", head(&base, HeadInit::LastLayer, l - 1, None)),
+    ] {
+        let engine = Engine::new(&base, Some(&h));
+        let mut costs = CostTracker::calibrate(&engine, 4, 8, 1);
+        let n = 3000;
+        let mut counts = vec![0f64; v];
+        let o = opts(4, sampling); // room for drafts after the first token
+        tch::manual_seed(123);
+        for _ in 0..n {
+            let mut c = parse(
+                "fixed:3",
+                &ThompsonConfig {
+                    k_max: 4,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let g = generate(&engine, &prompt, &o, c.as_mut(), &mut costs, |_| {}).unwrap();
+            if g.ids[0] == 2 {
+                continue; // EOS first: no second token (counted in neither)
+            }
+            counts[g.ids[1] as usize] += 1.0;
+        }
+        let total: f64 = counts.iter().sum();
+        let eos_mass = p1[2] as f64;
+        // Pool cells with small expectation so the chi-square approximation holds.
+        let (mut chi2, mut df, mut pool_o, mut pool_e) = (0.0, 0usize, 0.0, 0.0);
+        for x in 0..v {
+            let e = total * marginal[x] / (1.0 - eos_mass).max(1e-9);
+            if e < 5.0 {
+                pool_o += counts[x];
+                pool_e += e;
+                assert!(
+                    marginal[x] > 0.0 || counts[x] == 0.0,
+                    "{hname}: token {x} has probability 0 but was emitted"
+                );
+            } else {
+                chi2 += (counts[x] - e).powi(2) / e;
+                df += 1;
+            }
+        }
+        if pool_e > 0.0 {
+            chi2 += (pool_o - pool_e).powi(2) / pool_e.max(1e-9);
+            df += 1;
+        }
+        df = df.saturating_sub(1).max(1);
+        // Critical value at p = 0.001: df + 3.1 sqrt(2 df) + 3 is above the exact value for df >= 5.
+        let critical = df as f64 + 3.1 * (2.0 * df as f64).sqrt() + 3.0;
+        assert!(
+            chi2 < critical,
+            "{hname} draft: chi2 = {chi2:.1} with {df} df (critical {critical:.1})"
+        );
+    }
+}
