@@ -291,6 +291,24 @@ impl EarlyExitHead {
         Ok(())
     }
 
+    /// Converts the LM head (shared rows or own) to `kind`: training keeps the whole head in
+    /// f32 whatever the base dtype.
+    pub fn cast_lm_head(&mut self, kind: Kind) {
+        if let Some(w) = &self.lm_head {
+            let requires_grad = w.requires_grad();
+            self.lm_head = Some(w.detach().to_kind(kind).set_requires_grad(requires_grad));
+        }
+    }
+
+    /// Converts every head weight to `kind` (e.g. f16 to ship a small file; loading converts
+    /// back to the base dtype).
+    pub fn cast_to(&mut self, kind: Kind) {
+        for t in self.trainable_mut() {
+            *t = t.detach().to_kind(kind);
+        }
+        self.cast_lm_head(kind);
+    }
+
     pub fn draft_vocab_size(&self) -> i64 {
         self.lm_head.as_ref().map(|w| w.size()[0]).unwrap_or(0)
     }

@@ -2,6 +2,7 @@
 //! layer ranges, the KV cache, checkpoint loading, tokenizer and chat template, sampling.
 pub mod cache;
 pub mod config;
+pub mod corpus;
 pub mod device;
 pub mod error;
 pub mod fingerprint;

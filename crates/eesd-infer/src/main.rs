@@ -6,10 +6,15 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use eesd_core::device::{parse_device, parse_dtype};
+use eesd_core::head::EarlyExitHead;
 use eesd_core::pretrained::Pretrained;
 use eesd_core::sampling::SamplingParams;
+use eesd_infer::controller::{self, Controller, ThompsonConfig};
+use eesd_infer::cost::CostTracker;
 use eesd_infer::plain::{self, GenerateOptions};
 use eesd_infer::prompts::{read_prompt_file, Prompt};
+use eesd_infer::speculative::{self, Engine, SpecOptions};
+use eesd_infer::stats::DecodeStats;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -30,6 +35,38 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure plain greedy decode tokens/s and this machine's memory-bandwidth floor.
     BenchDecode(BenchArgs),
+    /// Run every controller on the same prompts (greedy) and compare them with plain decoding.
+    Bench(SpecBenchArgs),
+}
+
+#[derive(Args)]
+struct SpecBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The trained early-exit head folder.
+    #[arg(long)]
+    head: PathBuf,
+    /// Prompt corpora (parquet with `id` and `prompt`); one dataset per flag.
+    #[arg(long, required = true)]
+    data: Vec<String>,
+    /// Prompts per dataset (the first ones that fit --max-prompt-tokens).
+    #[arg(long, default_value_t = 8)]
+    num_prompts: usize,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 320)]
+    max_prompt_tokens: usize,
+    /// Comma-separated controllers; `off` is added when missing (speedups are against it).
+    #[arg(
+        long,
+        default_value = "off,thompson,thompson-calibrated,heuristic,confidence:0.5,fixed:1,fixed:2,fixed:3,fixed:4,fixed:6"
+    )]
+    controllers: String,
+    #[arg(long, default_value_t = 8)]
+    max_draft: usize,
+    /// Folder for bench.json and bench.md.
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
 }
 
 /// Which model, where, in what precision.
@@ -81,6 +118,23 @@ struct GenerateArgs {
     /// One JSON object per prompt on stdout (id, text, prompt_ids, ids, stats) instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    spec: SpecArgs,
+}
+
+/// Speculative decoding: the head and the draft-length controller.
+#[derive(Args, Clone)]
+struct SpecArgs {
+    /// A trained early-exit head folder (head.json + head.safetensors). Without it decoding is plain.
+    #[arg(long)]
+    head: Option<PathBuf>,
+    /// Draft-length controller: thompson, thompson-calibrated, fixed:K, heuristic, confidence:P,
+    /// off [default: thompson with --head, else off]
+    #[arg(long)]
+    controller: Option<String>,
+    /// Most draft tokens per round.
+    #[arg(long, default_value_t = 8)]
+    max_draft: usize,
 }
 
 #[derive(Args)]
@@ -134,6 +188,73 @@ fn encode(p: &Pretrained, text: &str, chat: bool) -> Result<Vec<u32>> {
     })
 }
 
+fn load_head(p: &Pretrained, dir: &Option<PathBuf>) -> Result<Option<EarlyExitHead>> {
+    let Some(dir) = dir else { return Ok(None) };
+    let head = EarlyExitHead::load(dir, &p.model, &p.fingerprint)
+        .with_context(|| format!("loading head {}", dir.display()))?;
+    eprintln!(
+        "head {} (exit layer N = {}, {} layer(s), draft vocabulary {})",
+        dir.display(),
+        head.spec.exit_layer,
+        head.spec.head_layers,
+        head.draft_vocab_size()
+    );
+    Ok(Some(head))
+}
+
+/// The Beta prior: warm-started from the head's held-out acceptance when its training
+/// recorded one (worth 4 observations), else uniform.
+fn thompson_config(head: Option<&EarlyExitHead>, k_max: usize, seed: u64) -> ThompsonConfig {
+    let mut cfg = ThompsonConfig {
+        k_max,
+        seed,
+        ..Default::default()
+    };
+    if let Some(alpha) = head.and_then(|h| h.spec.metrics.get("top1_agreement")?.as_f64()) {
+        cfg.prior = (1.0 + 4.0 * alpha, 1.0 + 4.0 * (1.0 - alpha));
+    }
+    cfg
+}
+
+fn make_controller(
+    name: &str,
+    head: Option<&EarlyExitHead>,
+    k_max: usize,
+    seed: u64,
+) -> Result<Box<dyn Controller>> {
+    if head.is_none() && name != "off" {
+        bail!("controller `{name}` drafts with an early-exit head: give --head DIR (or use --controller off)");
+    }
+    Ok(controller::parse(
+        name,
+        &thompson_config(head, k_max, seed),
+    )?)
+}
+
+fn spec_options(p: &Pretrained, gen: GenerateOptions) -> SpecOptions {
+    SpecOptions {
+        gen,
+        // On CPU timing is free; on a GPU each timed round costs two synchronisations.
+        time_every: if p.model.device.is_cuda() { 8 } else { 1 },
+        check_invariants: cfg!(debug_assertions),
+    }
+}
+
+fn print_summary(name: &str, s: &DecodeStats) {
+    eprintln!(
+        "{name}: prompt {} tok, {} new tok, decode {:.2} tok/s | rounds {}, drafted {}, accepted {}, acceptance {:.1}%, mean accepted length {:.2}, mean draft length {:.2}",
+        s.prompt_tokens,
+        s.new_tokens,
+        s.decode_tokens_per_s(),
+        s.rounds,
+        s.drafted,
+        s.accepted,
+        100.0 * s.acceptance_rate(),
+        s.mean_accepted_length(),
+        s.mean_draft_length()
+    );
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
     let sampling = SamplingParams::new(a.temperature, a.top_k, a.top_p)?;
     let prompts = match (&a.prompt, &a.prompt_file) {
@@ -144,41 +265,84 @@ fn generate(a: GenerateArgs) -> Result<()> {
         (None, Some(f)) => read_prompt_file(f)?,
         (None, None) => bail!("give --prompt or --prompt-file"),
     };
-    let p = load(&a.model)?;
-    let opts = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        sampling,
-        eos_ids: p.tokenizer.eos_ids.clone(),
+    let default_controller = if a.spec.head.is_some() {
+        "thompson"
+    } else {
+        "off"
     };
+    let controller_name = a
+        .spec
+        .controller
+        .clone()
+        .unwrap_or_else(|| default_controller.into());
+    // Refuse a bad controller before the (slow) model load.
+    controller::parse(
+        &controller_name,
+        &ThompsonConfig {
+            k_max: a.spec.max_draft,
+            ..Default::default()
+        },
+    )?;
+    let p = load(&a.model)?;
+    let head = load_head(&p, &a.spec.head)?;
+    let mut ctrl = make_controller(
+        &controller_name,
+        head.as_ref(),
+        a.spec.max_draft,
+        a.seed as u64,
+    )?;
+    let engine = Engine::new(&p.model, head.as_ref());
+    let mut costs = if head.is_some() {
+        CostTracker::calibrate(&engine, a.spec.max_draft, 64, 3)
+    } else {
+        CostTracker::new(a.spec.max_draft)
+    };
+    let opts = spec_options(
+        &p,
+        GenerateOptions {
+            max_new_tokens: a.max_new_tokens,
+            sampling,
+            eos_ids: p.tokenizer.eos_ids.clone(),
+        },
+    );
     tch::manual_seed(a.seed);
     let stdout = std::io::stdout();
+    let mut total = DecodeStats::default();
     for prompt in &prompts {
         let prompt_ids =
             encode(&p, &prompt.text, a.chat).with_context(|| format!("prompt {}", prompt.id))?;
         let mut printed = String::new();
         let stream = !a.json;
-        let g = plain::generate(&p.model, &prompt_ids, &opts, |ids| {
-            if stream {
-                // Print the new suffix of the decoded text; hold back an incomplete UTF-8 tail.
-                if let Ok(text) = p.tokenizer.decode(ids) {
-                    if text.len() > printed.len()
-                        && text.starts_with(&printed)
-                        && !text.ends_with('\u{FFFD}')
-                    {
-                        let mut out = stdout.lock();
-                        let _ = out.write_all(&text.as_bytes()[printed.len()..]);
-                        let _ = out.flush();
-                        printed = text;
+        let g = speculative::generate(
+            &engine,
+            &prompt_ids,
+            &opts,
+            ctrl.as_mut(),
+            &mut costs,
+            |ids| {
+                if stream {
+                    // Print the new suffix of the decoded text; hold back an incomplete UTF-8 tail.
+                    if let Ok(text) = p.tokenizer.decode(ids) {
+                        if text.len() > printed.len()
+                            && text.starts_with(&printed)
+                            && !text.ends_with('\u{FFFD}')
+                        {
+                            let mut out = stdout.lock();
+                            let _ = out.write_all(&text.as_bytes()[printed.len()..]);
+                            let _ = out.flush();
+                            printed = text;
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
         .with_context(|| format!("prompt {}", prompt.id))?;
         let text = p.tokenizer.decode(&g.ids)?;
         let s = &g.stats;
         if a.json {
             let mut stats = s.to_json();
             stats["stop_reason"] = serde_json::to_value(g.stop)?;
+            stats["controller"] = controller_name.clone().into();
             let obj = serde_json::json!({
                 "id": prompt.id, "text": text, "prompt_ids": prompt_ids, "ids": g.ids, "stats": stats,
             });
@@ -189,15 +353,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
             }
             println!();
         }
-        eprintln!(
-            "[{}] prompt {} tok, {} new tok ({:?}), prefill {:.3}s, decode {:.2} tok/s",
-            prompt.id,
-            s.prompt_tokens,
-            s.new_tokens,
-            g.stop,
-            s.prefill_seconds,
-            s.decode_tokens_per_s()
+        print_summary(
+            &format!("[{}] {controller_name} ({:?})", prompt.id, g.stop),
+            s,
         );
+        total.merge(s);
+    }
+    if prompts.len() > 1 {
+        print_summary(&format!("total {controller_name}"), &total);
     }
     Ok(())
 }
@@ -258,11 +421,104 @@ fn bench_decode(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_spec(a: SpecBenchArgs) -> Result<()> {
+    let mut names: Vec<String> = a
+        .controllers
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !names.iter().any(|n| n == "off") {
+        names.insert(0, "off".into());
+    }
+    for n in &names {
+        controller::parse(
+            n,
+            &ThompsonConfig {
+                k_max: a.max_draft,
+                ..Default::default()
+            },
+        )?;
+    }
+    let p = load(&a.model)?;
+    let head = load_head(&p, &Some(a.head.clone()))?.expect("head given");
+    let mut datasets = Vec::new();
+    for spec in &a.data {
+        let rows = eesd_core::corpus::read_prompts(spec, "prompt")?;
+        let name = std::path::Path::new(spec)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| spec.clone());
+        let mut prompts = Vec::new();
+        for r in rows {
+            let ids = p.tokenizer.encode_chat(&r.prompt)?;
+            if ids.len() <= a.max_prompt_tokens {
+                prompts.push((r.id, ids));
+            }
+            if prompts.len() == a.num_prompts {
+                break;
+            }
+        }
+        datasets.push(eesd_infer::bench_spec::Dataset { name, prompts });
+    }
+    let engine = Engine::new(&p.model, Some(&head));
+    let mut costs = CostTracker::calibrate(&engine, a.max_draft, 64, 5);
+    let c = costs.costs();
+    eprintln!(
+        "cost model: draft step c = {:.3} of a full step; verify k+1 positions: {:?}",
+        c.draft_step,
+        c.verify
+            .iter()
+            .map(|v| (v * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
+    );
+    let opts = spec_options(
+        &p,
+        GenerateOptions {
+            max_new_tokens: a.max_new_tokens,
+            sampling: SamplingParams::default(),
+            eos_ids: p.tokenizer.eos_ids.clone(),
+        },
+    );
+    let make = |n: &str| -> eesd_core::Result<Box<dyn Controller>> {
+        make_controller(n, Some(&head), a.max_draft, 0)
+            .map_err(|e| eesd_core::Error::Input(format!("{e:#}")))
+    };
+    let total: usize = datasets.iter().map(|d| d.prompts.len()).sum();
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let rows =
+        eesd_infer::bench_spec::run(&engine, &datasets, &names, &make, &mut costs, &opts, |m| {
+            bar.set_message(m.to_string());
+            bar.inc(1);
+        })?;
+    bar.finish_and_clear();
+    let table = eesd_infer::bench_spec::table(&rows);
+    println!("{table}");
+    std::fs::create_dir_all(&a.out)?;
+    let report = serde_json::json!({
+        "model": p.dir.display().to_string(), "head": a.head.display().to_string(),
+        "device": format!("{:?}", p.model.device), "dtype": format!("{:?}", p.model.kind),
+        "threads": tch::get_num_threads(), "max_new_tokens": a.max_new_tokens,
+        "prompts_per_dataset": a.num_prompts, "exit_layer": head.spec.exit_layer,
+        "draft_vocab": head.draft_vocab_size(),
+        "cost_model": {"draft_step": costs.costs().draft_step, "verify": costs.costs().verify},
+        "rows": rows,
+    });
+    std::fs::write(
+        a.out.join("bench.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(a.out.join("bench.md"), &table)?;
+    eprintln!("wrote {}/bench.json and bench.md", a.out.display());
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Generate(a) => generate(a),
         Command::BenchDecode(a) => bench_decode(a),
+        Command::Bench(a) => bench_spec(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

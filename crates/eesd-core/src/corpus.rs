@@ -1,0 +1,286 @@
+//! Parquet in and out: prompt corpora (`data/corpora/*.parquet`, schema in
+//! scripts/make_corpora.py) and teacher data (the base model's own answers, written by
+//! `eesd-train gen`, read by `eesd-train distill`).
+//!
+//! Teacher data schema (one row per prompt; made elsewhere, e.g. by a serving engine, is fine
+//! as long as it follows it):
+//!   id string, prompt string, response string,
+//!   prompt_ids list<uint32> (chat-formatted), response_ids list<uint32>,
+//!   base_fingerprint string (see `fingerprint.rs`).
+
+use crate::error::{Error, Result};
+use arrow::array::{
+    Array, ArrayRef, ListArray, ListBuilder, RecordBatch, StringArray, UInt32Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Input(format!("{}: {e}", path.display()))
+}
+
+/// `spec` is a parquet file, a folder (all `*.parquet` in it) or a glob with `*` in the file name.
+pub fn expand(spec: &str) -> Result<Vec<PathBuf>> {
+    let path = Path::new(spec);
+    let mut files: Vec<PathBuf> = if path.is_file() {
+        vec![path.to_path_buf()]
+    } else if path.is_dir() {
+        list(path, "*.parquet")?
+    } else if spec.contains('*') {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let pat = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        list(dir, &pat)?
+    } else {
+        return Err(Error::Input(format!(
+            "no such parquet file, folder or glob: {spec}"
+        )));
+    };
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Input(format!("{spec} matches no parquet files")));
+    }
+    Ok(files)
+}
+
+fn list(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    Ok(rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| glob_match(pattern, &n.to_string_lossy()))
+        })
+        .collect())
+}
+
+/// `*` matches any run of characters; everything else literally.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || !name.ends_with(last) || name.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+fn batches(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| perr(path, e))?
+        .build()
+        .map_err(|e| perr(path, e))?;
+    reader.map(|b| b.map_err(|e| perr(path, e))).collect()
+}
+
+fn string_col<'a>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a StringArray> {
+    let have: Vec<String> = b
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    b.column_by_name(name)
+        .ok_or_else(|| {
+            perr(
+                path,
+                format!("no column `{name}` (columns: {})", have.join(", ")),
+            )
+        })?
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .ok_or_else(|| perr(path, format!("column `{name}` is not a string column")))
+}
+
+fn ids_col<'a>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a ListArray> {
+    b.column_by_name(name)
+        .ok_or_else(|| perr(path, format!("no column `{name}`")))?
+        .as_any()
+        .downcast_ref::<ListArray>()
+        .ok_or_else(|| perr(path, format!("column `{name}` is not list<uint32>")))
+}
+
+/// A prompt of a corpus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptRow {
+    pub id: String,
+    pub prompt: String,
+}
+
+/// Reads `id` and `column` (the prompt text) from every file of `spec`, in file order.
+pub fn read_prompts(spec: &str, column: &str) -> Result<Vec<PromptRow>> {
+    let mut out = Vec::new();
+    for path in expand(spec)? {
+        for b in batches(&path)? {
+            let ids = string_col(&b, "id", &path)?;
+            let text = string_col(&b, column, &path)?;
+            for i in 0..b.num_rows() {
+                if text.is_null(i) {
+                    continue;
+                }
+                out.push(PromptRow {
+                    id: ids.value(i).to_string(),
+                    prompt: text.value(i).to_string(),
+                });
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Input(format!("{spec}: the corpus holds no prompts")));
+    }
+    Ok(out)
+}
+
+/// One teacher example: the base model's answer to a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeacherRow {
+    pub id: String,
+    pub prompt: String,
+    pub response: String,
+    pub prompt_ids: Vec<u32>,
+    pub response_ids: Vec<u32>,
+    pub base_fingerprint: String,
+}
+
+fn teacher_schema() -> Arc<Schema> {
+    let ids = || DataType::List(Arc::new(Field::new("item", DataType::UInt32, true)));
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("prompt", DataType::Utf8, false),
+        Field::new("response", DataType::Utf8, false),
+        Field::new("prompt_ids", ids(), false),
+        Field::new("response_ids", ids(), false),
+        Field::new("base_fingerprint", DataType::Utf8, false),
+    ]))
+}
+
+/// Writes `rows` to `path` atomically (temporary file, then rename).
+pub fn write_teacher(path: &Path, rows: &[TeacherRow]) -> Result<()> {
+    let strings = |f: &dyn Fn(&TeacherRow) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>()))
+    };
+    let lists = |f: &dyn Fn(&TeacherRow) -> &[u32]| -> ArrayRef {
+        let mut b = ListBuilder::new(UInt32Builder::new());
+        for r in rows {
+            b.values().append_slice(f(r));
+            b.append(true);
+        }
+        Arc::new(b.finish())
+    };
+    let batch = RecordBatch::try_new(
+        teacher_schema(),
+        vec![
+            strings(&|r| &r.id),
+            strings(&|r| &r.prompt),
+            strings(&|r| &r.response),
+            lists(&|r| &r.prompt_ids),
+            lists(&|r| &r.response_ids),
+            strings(&|r| &r.base_fingerprint),
+        ],
+    )
+    .map_err(|e| perr(path, e))?;
+    let tmp = path.with_extension("parquet.tmp");
+    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut w = ArrowWriter::try_new(file, teacher_schema(), None).map_err(|e| perr(path, e))?;
+    w.write(&batch).map_err(|e| perr(path, e))?;
+    w.close().map_err(|e| perr(path, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(())
+}
+
+fn list_values(l: &ListArray, i: usize, path: &Path) -> Result<Vec<u32>> {
+    let v = l.value(i);
+    let v = v
+        .as_any()
+        .downcast_ref::<arrow::array::UInt32Array>()
+        .ok_or_else(|| perr(path, "token id lists must be list<uint32>"))?;
+    Ok(v.values().to_vec())
+}
+
+/// Reads teacher data from every file of `spec`.
+pub fn read_teacher(spec: &str) -> Result<Vec<TeacherRow>> {
+    let mut out = Vec::new();
+    for path in expand(spec)? {
+        for b in batches(&path)? {
+            let (id, prompt, response) = (
+                string_col(&b, "id", &path)?,
+                string_col(&b, "prompt", &path)?,
+                string_col(&b, "response", &path)?,
+            );
+            let (pids, rids) = (
+                ids_col(&b, "prompt_ids", &path)?,
+                ids_col(&b, "response_ids", &path)?,
+            );
+            let fp = string_col(&b, "base_fingerprint", &path)?;
+            for i in 0..b.num_rows() {
+                out.push(TeacherRow {
+                    id: id.value(i).to_string(),
+                    prompt: prompt.value(i).to_string(),
+                    response: response.value(i).to_string(),
+                    prompt_ids: list_values(pids, i, &path)?,
+                    response_ids: list_values(rids, i, &path)?,
+                    base_fingerprint: fp.value(i).to_string(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.parquet", "a.parquet"));
+        assert!(glob_match("part-*.parquet", "part-00001.parquet"));
+        assert!(!glob_match("part-*.parquet", "other.parquet"));
+        assert!(!glob_match("*.parquet", "a.parquet.tmp"));
+    }
+
+    #[test]
+    fn teacher_round_trip_and_missing_column() {
+        let dir = std::env::temp_dir().join(format!("eesd-corpus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rows = vec![TeacherRow {
+            id: "a".into(),
+            prompt: "p".into(),
+            response: "r".into(),
+            prompt_ids: vec![1, 2, 3],
+            response_ids: vec![4, 5],
+            base_fingerprint: "fp".into(),
+        }];
+        let f = dir.join("part-00000.parquet");
+        write_teacher(&f, &rows).unwrap();
+        assert_eq!(read_teacher(dir.to_str().unwrap()).unwrap(), rows);
+        assert_eq!(
+            read_prompts(f.to_str().unwrap(), "prompt").unwrap()[0].prompt,
+            "p"
+        );
+        let err = read_prompts(f.to_str().unwrap(), "question")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no column `question`"), "{err}");
+        assert!(expand(dir.join("nothing-*.parquet").to_str().unwrap()).is_err());
+    }
+}

@@ -1,0 +1,598 @@
+//! `eesd-train distill`: train the early-exit head by self-distillation (EESD.md section 1).
+//!
+//! The base is frozen: its tensors are never given to the optimiser, layers `[0, N)` and the
+//! teacher's forward pass run without autograd. Per example (prompt + the base's own answer):
+//! one teacher-forced pass of the base gives the layer-N states and the teacher's logits; the
+//! head runs on the layer-N states; the loss is forward KL from teacher to head at temperature
+//! T (times T^2) plus a weighted cross-entropy on the teacher's tokens, both on response
+//! positions only.
+
+use crate::adamw::{clip_grad_norm, lr_at, AdamW};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use eesd_core::corpus::{self, TeacherRow};
+use eesd_core::device::{parse_device, parse_dtype};
+use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec, LmHeadMode};
+use eesd_core::model::Llama;
+use eesd_core::pretrained::Pretrained;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+#[derive(Copy, Clone, Debug, ValueEnum, Serialize)]
+pub enum InitArg {
+    LastLayer,
+    ExitLayer,
+    Random,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, Serialize)]
+pub enum LmHeadArg {
+    Shared,
+    Own,
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct DistillArgs {
+    /// Base model folder (or hub id).
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Base dtype [default: bf16 on cuda, f32 on cpu]; the head always trains in f32 on CPU
+    /// and in the base dtype's device otherwise.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Teacher data (parquet parts from `gen`, or any data with the documented schema).
+    #[arg(long, required = true)]
+    pub data: Vec<String>,
+    /// Held-out teacher data for evaluation [default: the last 5% of --data].
+    #[arg(long)]
+    pub eval_data: Vec<String>,
+    /// Output folder: checkpoint/ (the head, loadable by eesd-infer), metrics.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// N: the head reads the hidden state after base layers [0, N).
+    #[arg(long)]
+    pub exit_layer: usize,
+    /// E: decoder layers in the head.
+    #[arg(long, default_value_t = 1)]
+    pub head_layers: usize,
+    #[arg(long, value_enum, default_value_t = InitArg::LastLayer)]
+    pub init: InitArg,
+    #[arg(long, value_enum, default_value_t = LmHeadArg::Shared)]
+    pub lm_head: LmHeadArg,
+    /// Predict only the V most frequent teacher tokens (0 = the whole vocabulary).
+    #[arg(long, default_value_t = 0)]
+    pub draft_vocab: usize,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 200)]
+    pub steps: u64,
+    /// Examples per optimiser step (gradient accumulation).
+    #[arg(long, default_value_t = 8)]
+    pub accum: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 20)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub kl_weight: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub ce_weight: f64,
+    /// Distillation temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub kd_temperature: f64,
+    /// Evaluate (and checkpoint) every this many steps.
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: u64,
+    /// Held-out examples per evaluation.
+    #[arg(long, default_value_t = 48)]
+    pub eval_examples: usize,
+    /// Longest prompt + response used (longer are cut).
+    #[arg(long, default_value_t = 512)]
+    pub max_seq: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue from `--out`/checkpoint (optimiser moments and data position restored).
+    #[arg(long)]
+    pub resume: bool,
+    /// End the run after this step as if it had been killed there (after its checkpoint, when
+    /// the step has one): for testing `--resume` and for splitting a run into sessions.
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Also write the final head alone (no optimiser state, f16 weights) to this folder: the
+    /// small artefact to ship, e.g. under data/heads/.
+    #[arg(long)]
+    pub export: Option<PathBuf>,
+}
+
+/// Trainer state saved next to the head, so a resumed run continues the same run.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+struct TrainerState {
+    step: u64,
+    adam_t: u64,
+    best_agreement: f64,
+}
+
+/// One training or evaluation example on the device.
+struct Example {
+    ids: Tensor,
+    /// Index of the first position whose next token is a response token.
+    start: i64,
+    /// Response tokens predicted at positions start.. (i64, on the device).
+    targets: Tensor,
+}
+
+fn example(row: &TeacherRow, max_seq: usize, device: tch::Device) -> Option<Example> {
+    let mut seq: Vec<i64> = row
+        .prompt_ids
+        .iter()
+        .chain(&row.response_ids)
+        .map(|&t| t as i64)
+        .collect();
+    seq.truncate(max_seq);
+    let p = row.prompt_ids.len();
+    if row.response_ids.is_empty() || p == 0 || seq.len() <= p {
+        return None;
+    }
+    let targets = Tensor::from_slice(&seq[p..]).to_device(device);
+    Some(Example {
+        ids: Tensor::from_slice(&seq).to_device(device).unsqueeze(0),
+        start: p as i64 - 1,
+        targets,
+    })
+}
+
+/// The base's side of an example, without autograd: layer-N states `[1, T, H]` and teacher
+/// logits at the response positions `[R, V]` (f32).
+fn teacher(base: &Llama, n: usize, ex: &Example) -> (Tensor, Tensor) {
+    let _g = tch::no_grad_guard();
+    let t = ex.ids.size()[1];
+    let mut cache = base.new_cache(1, t);
+    let h = base.forward_layers(&base.embed(&ex.ids), 0..n, &mut cache);
+    let top = base.forward_layers(&h, n..base.num_layers(), &mut cache);
+    let r = ex.targets.size()[0];
+    let logits = base
+        .logits(&base.final_norm(&top.narrow(1, ex.start, r)))
+        .squeeze_dim(0);
+    (h, logits)
+}
+
+/// Head logits at the response positions `[R, V_d]`, with autograd.
+fn student(base: &Llama, head: &EarlyExitHead, h: &Tensor, ex: &Example) -> Tensor {
+    let t = h.size()[1];
+    let mut cache = head.new_cache(base, 1, t);
+    let hidden = head.forward_hidden(base, &h.to_kind(head_kind(head)), &mut cache);
+    let r = ex.targets.size()[0];
+    head.logits(&hidden.narrow(1, ex.start, r)).squeeze_dim(0)
+}
+
+fn head_kind(head: &EarlyExitHead) -> Kind {
+    head.norm.weight.kind()
+}
+
+/// Teacher logits restricted to the draft vocabulary (when reduced) and the targets mapped to
+/// draft indices (-100 where a target is outside it).
+fn to_draft_space(
+    teacher: &Tensor,
+    targets: &Tensor,
+    map: &Option<(Tensor, Tensor)>,
+) -> (Tensor, Tensor) {
+    match map {
+        None => (teacher.shallow_clone(), targets.shallow_clone()),
+        Some((ids, inverse)) => (
+            teacher.index_select(1, ids),
+            inverse.index_select(0, targets),
+        ),
+    }
+}
+
+struct Losses {
+    total: Tensor,
+    kl: f64,
+    ce: f64,
+}
+
+fn loss(a: &DistillArgs, student: &Tensor, teacher: &Tensor, targets: &Tensor) -> Losses {
+    let t = a.kd_temperature;
+    let p = (teacher / t).softmax(-1, Kind::Float);
+    let log_p = (teacher / t).log_softmax(-1, Kind::Float);
+    let log_q = (student / t).log_softmax(-1, Kind::Float);
+    // Forward KL(p || q) = sum p (log p - log q), averaged over positions, scaled by T^2.
+    let kl = (&p * (log_p - &log_q))
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float)
+        * (t * t);
+    let valid = targets.ge(0);
+    let ce = if bool::try_from(valid.any()).unwrap_or(false) {
+        student.log_softmax(-1, Kind::Float).nll_loss_nd::<Tensor>(
+            &targets.where_scalarother(&valid, -100),
+            None,
+            tch::Reduction::Mean,
+            -100,
+        )
+    } else {
+        Tensor::zeros([], (Kind::Float, student.device()))
+    };
+    let total = &kl * a.kl_weight + &ce * a.ce_weight;
+    Losses {
+        kl: kl.double_value(&[]),
+        ce: ce.double_value(&[]),
+        total,
+    }
+}
+
+/// Held-out metrics of the head against the base, per source and overall.
+fn evaluate(
+    base: &Llama,
+    head: &EarlyExitHead,
+    n: usize,
+    rows: &[TeacherRow],
+    a: &DistillArgs,
+) -> serde_json::Value {
+    let _g = tch::no_grad_guard();
+    let device = base.device;
+    let vocab = base.cfg.vocab_size as i64;
+    #[derive(Default)]
+    struct Acc {
+        positions: f64,
+        agree: f64,
+        min_pq: f64,
+        /// sum over start positions of min(run of agreements from there, K) for K = 1..8
+        run_sums: [f64; 8],
+    }
+    let mut per: HashMap<String, Acc> = HashMap::new();
+    for row in rows {
+        let Some(ex) = example(row, a.max_seq, device) else {
+            continue;
+        };
+        let (h, t_logits) = teacher(base, n, &ex);
+        let s_logits = student(base, head, &h, &ex).to_kind(Kind::Float);
+        let q = head.to_full_vocab(&s_logits.softmax(-1, Kind::Float), vocab);
+        let p = t_logits.softmax(-1, Kind::Float);
+        let agree = head
+            .token_ids(&s_logits.argmax(-1, false))
+            .eq_tensor(&t_logits.argmax(-1, false));
+        let agree: Vec<bool> =
+            Vec::<bool>::try_from(agree.to_device(tch::Device::Cpu)).unwrap_or_default();
+        let min_pq = p.minimum(&q).sum(Kind::Double).double_value(&[]);
+        let source = row.id.split('/').next().unwrap_or("all").to_string();
+        for key in [source, "all".to_string()] {
+            let acc = per.entry(key).or_default();
+            acc.positions += agree.len() as f64;
+            acc.agree += agree.iter().filter(|&&x| x).count() as f64;
+            acc.min_pq += min_pq;
+            // Run length of agreements starting at each position: what a round drafting from
+            // there would get accepted (teacher-forced estimate).
+            let mut run = vec![0usize; agree.len() + 1];
+            for i in (0..agree.len()).rev() {
+                run[i] = if agree[i] { run[i + 1] + 1 } else { 0 };
+            }
+            for (k, s) in acc.run_sums.iter_mut().enumerate() {
+                *s += run[..agree.len()]
+                    .iter()
+                    .map(|&r| r.min(k + 1) as f64)
+                    .sum::<f64>();
+            }
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (key, acc) in per {
+        let pos = acc.positions.max(1.0);
+        let tokens: Vec<f64> = acc.run_sums.iter().map(|s| 1.0 + s / pos).collect();
+        out.insert(
+            key,
+            serde_json::json!({
+                "positions": acc.positions,
+                "top1_agreement": acc.agree / pos,
+                "expected_acceptance": acc.min_pq / pos,
+                "expected_tokens_per_round_k1_to_8": tokens,
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
+/// Token ids by descending frequency in the teacher responses; EOS ids always included.
+fn draft_vocabulary(rows: &[TeacherRow], size: usize, vocab: usize, eos: &[u32]) -> Vec<u32> {
+    let mut counts = vec![0u64; vocab];
+    for r in rows {
+        for &t in r.prompt_ids.iter().chain(&r.response_ids) {
+            if (t as usize) < vocab {
+                counts[t as usize] += 1;
+            }
+        }
+    }
+    for &e in eos {
+        if (e as usize) < vocab {
+            counts[e as usize] = u64::MAX;
+        }
+    }
+    let mut order: Vec<u32> = (0..vocab as u32).collect();
+    order.sort_by_key(|&t| (std::cmp::Reverse(counts[t as usize]), t));
+    order.truncate(size.min(vocab));
+    order
+}
+
+fn checkpoint_dir(out: &Path) -> PathBuf {
+    out.join("checkpoint")
+}
+
+/// Writes head, optimiser moments and trainer state into one folder, atomically.
+fn save_checkpoint(
+    out: &Path,
+    head: &EarlyExitHead,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<()> {
+    let dir = checkpoint_dir(out);
+    head.save(&dir)?; // atomic rename of the whole folder
+                      // The optimiser state goes into the same folder after the head landed; a crash between the
+                      // two leaves a head without moments, which `--resume` refuses rather than misusing.
+    let moments: Vec<(String, Tensor)> = opt
+        .m
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (format!("m.{i}"), m.to_device(tch::Device::Cpu)))
+        .chain(
+            opt.v
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("v.{i}"), v.to_device(tch::Device::Cpu))),
+        )
+        .collect();
+    let tmp = dir.join(".optimizer.safetensors.tmp");
+    Tensor::write_safetensors(&moments, &tmp)?;
+    std::fs::rename(&tmp, dir.join("optimizer.safetensors"))?;
+    let tmp = dir.join(".trainer.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(state)?)?;
+    std::fs::rename(&tmp, dir.join("trainer.json"))?;
+    Ok(())
+}
+
+pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
+    let device = parse_device(a.device.as_deref())?;
+    let kind = parse_dtype(a.dtype.as_deref(), device)?;
+    let p =
+        Pretrained::load(&a.model, device, kind).with_context(|| format!("loading {}", a.model))?;
+    let base = &p.model;
+    let l = base.num_layers();
+    if a.exit_layer == 0 || a.exit_layer >= l {
+        bail!(
+            "--exit-layer {} is outside [1, {}] for this {l}-layer model",
+            a.exit_layer,
+            l - 1
+        );
+    }
+    let mut rows = Vec::new();
+    for spec in &a.data {
+        rows.extend(corpus::read_teacher(spec)?);
+    }
+    if rows.is_empty() {
+        bail!("the teacher data {:?} holds no rows", a.data);
+    }
+    let mut eval_rows = Vec::new();
+    for spec in &a.eval_data {
+        eval_rows.extend(corpus::read_teacher(spec)?);
+    }
+    for r in rows.iter().chain(&eval_rows) {
+        if r.base_fingerprint != p.fingerprint {
+            bail!(
+                "teacher row {} was made by base {}, but this model is {}: regenerate it with `eesd-train gen`",
+                r.id,
+                r.base_fingerprint,
+                p.fingerprint
+            );
+        }
+    }
+    if eval_rows.is_empty() {
+        let cut = rows.len() - (rows.len() / 20).max(1).min(rows.len() - 1);
+        eval_rows = rows.split_off(cut);
+    }
+    // Interleave sources so a small evaluation still covers each of them.
+    let mut by_source: Vec<Vec<TeacherRow>> = Vec::new();
+    for r in eval_rows {
+        let src = r.id.split('/').next().unwrap_or("").to_string();
+        match by_source
+            .iter_mut()
+            .find(|g| g[0].id.split('/').next() == Some(src.as_str()))
+        {
+            Some(g) => g.push(r),
+            None => by_source.push(vec![r]),
+        }
+    }
+    let mut eval_rows = Vec::new();
+    for i in 0.. {
+        let before = eval_rows.len();
+        for g in &by_source {
+            if let Some(r) = g.get(i) {
+                eval_rows.push(r.clone());
+            }
+        }
+        if eval_rows.len() == before || eval_rows.len() >= a.eval_examples {
+            break;
+        }
+    }
+    eval_rows.truncate(a.eval_examples);
+
+    std::fs::create_dir_all(&a.out)?;
+    let ckpt = checkpoint_dir(&a.out);
+    let (mut head, mut state) = if a.resume && ckpt.join("trainer.json").exists() {
+        let head = EarlyExitHead::load(&ckpt, base, &p.fingerprint)
+            .with_context(|| format!("resuming from {}", ckpt.display()))?;
+        let state: TrainerState =
+            serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer.json"))?)?;
+        (head, state)
+    } else {
+        tch::manual_seed(a.seed as i64);
+        let mut spec = HeadSpec::for_base(base, &p.fingerprint, a.exit_layer);
+        spec.head_layers = a.head_layers;
+        spec.init = match a.init {
+            InitArg::LastLayer => HeadInit::LastLayer,
+            InitArg::ExitLayer => HeadInit::ExitLayer,
+            InitArg::Random => HeadInit::Random,
+        };
+        spec.lm_head = match a.lm_head {
+            LmHeadArg::Shared => LmHeadMode::Shared,
+            LmHeadArg::Own => LmHeadMode::Own,
+        };
+        let vocab = (a.draft_vocab > 0).then(|| {
+            draft_vocabulary(
+                &rows,
+                a.draft_vocab,
+                base.cfg.vocab_size,
+                &p.tokenizer.eos_ids,
+            )
+        });
+        let head = EarlyExitHead::init(base, spec, vocab.as_deref())?;
+        (head, TrainerState::default())
+    };
+    head.spec.training = serde_json::to_value(a)?;
+    // The head trains in f32 whatever the base dtype; on CPU the base is f32 too.
+    for t in head.trainable_mut() {
+        *t = t.detach().to_kind(Kind::Float).set_requires_grad(true);
+    }
+    head.cast_lm_head(Kind::Float);
+    let mut opt = {
+        let params = head.trainable_mut();
+        AdamW::new(&params, a.lr, a.weight_decay)
+    };
+    if a.resume && ckpt.join("trainer.json").exists() {
+        let named = Tensor::read_safetensors(ckpt.join("optimizer.safetensors"))
+            .context("the checkpoint has no optimizer.safetensors: cannot resume the same run")?;
+        let map: HashMap<String, Tensor> = named.into_iter().collect();
+        for i in 0..opt.m.len() {
+            opt.m[i] = map
+                .get(&format!("m.{i}"))
+                .context("optimizer moments missing")?
+                .to_device(device);
+            opt.v[i] = map
+                .get(&format!("v.{i}"))
+                .context("optimizer moments missing")?
+                .to_device(device);
+        }
+        opt.t = state.adam_t;
+        eprintln!("distill: resuming at step {}", state.step);
+    }
+    let draft_map = head.vocab_map.as_ref().map(|ids| {
+        let inverse = Tensor::full([base.cfg.vocab_size as i64], -100, (Kind::Int64, device));
+        let pos = Tensor::arange(ids.size()[0], (Kind::Int64, device));
+        (
+            ids.shallow_clone(),
+            inverse.index_put(&[Some(ids.shallow_clone())], &pos, false),
+        )
+    });
+
+    // Data order: a seeded permutation per epoch, so position `step * accum` fixes the data.
+    let order = |epoch: u64| {
+        let mut idx: Vec<usize> = (0..rows.len()).collect();
+        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+            a.seed ^ (epoch.wrapping_mul(0x9E37_79B9)),
+        ));
+        idx
+    };
+    let metrics_path = a.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)?;
+    let bar = ProgressBar::new(a.steps);
+    bar.set_position(state.step);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:40} step {pos}/{len} {msg} eta {eta}",
+    )?);
+    let t0 = Instant::now();
+    let mut tokens = 0usize;
+    let mut last_eval = serde_json::Value::Null;
+    while state.step < a.steps {
+        let lr = lr_at(state.step, a.lr, a.warmup, a.steps);
+        let (mut kl_sum, mut ce_sum, mut n) = (0.0, 0.0, 0usize);
+        for j in 0..a.accum {
+            let pos = state.step as usize * a.accum + j;
+            let epoch = (pos / rows.len()) as u64;
+            let row = &rows[order(epoch)[pos % rows.len()]];
+            let Some(ex) = example(row, a.max_seq, device) else {
+                continue;
+            };
+            let (h, t_logits) = teacher(base, a.exit_layer, &ex);
+            let s_logits = student(base, &head, &h, &ex);
+            let (t_logits, targets) = to_draft_space(&t_logits, &ex.targets, &draft_map);
+            let l = loss(a, &s_logits.to_kind(Kind::Float), &t_logits, &targets);
+            if !(l.kl.is_finite() && l.ce.is_finite()) {
+                bar.abandon();
+                bail!(
+                    "loss became {} at step {} (example {}); stopped. The last good checkpoint stays in {}",
+                    if l.kl.is_nan() || l.ce.is_nan() { "NaN" } else { "infinite" },
+                    state.step,
+                    row.id,
+                    ckpt.display()
+                );
+            }
+            (l.total / a.accum as f64).backward();
+            kl_sum += l.kl;
+            ce_sum += l.ce;
+            n += 1;
+            tokens += ex.targets.size()[0] as usize;
+        }
+        let mut params = head.trainable_mut();
+        let grad_norm = clip_grad_norm(&params, a.clip);
+        opt.step(&mut params, lr);
+        state.step += 1;
+        state.adam_t = opt.t;
+        let n = n.max(1) as f64;
+        let mut record = serde_json::json!({
+            "step": state.step, "lr": lr, "kl": kl_sum / n, "ce": ce_sum / n, "grad_norm": grad_norm,
+            "tokens_per_s": tokens as f64 / t0.elapsed().as_secs_f64(),
+        });
+        bar.set_message(format!("kl {:.3} ce {:.3}", kl_sum / n, ce_sum / n));
+        bar.set_position(state.step);
+        if state.step % a.eval_every == 0 || state.step == a.steps {
+            let e = evaluate(base, &head, a.exit_layer, &eval_rows, a);
+            let agree = e["all"]["top1_agreement"].as_f64().unwrap_or(0.0);
+            state.best_agreement = state.best_agreement.max(agree);
+            record["eval"] = e.clone();
+            head.spec.step = state.step;
+            head.spec.metrics = e["all"].clone();
+            head.spec.metrics["per_source"] = e.clone();
+            save_checkpoint(&a.out, &head, &opt, &state)?;
+            bar.println(format!(
+                "step {}: held-out top-1 agreement {:.3}",
+                state.step, agree
+            ));
+            last_eval = e;
+        }
+        writeln!(metrics, "{record}")?;
+        if a.stop_after == Some(state.step) {
+            bar.abandon();
+            eprintln!("distill: stopped after step {} (--stop-after)", state.step);
+            return Ok(last_eval);
+        }
+    }
+    bar.finish();
+    if let Some(dir) = &a.export {
+        let mut slim = EarlyExitHead::load(&ckpt, base, &p.fingerprint)?;
+        slim.cast_to(Kind::Half);
+        slim.save(dir)?;
+        eprintln!("distill: exported the head to {}", dir.display());
+    }
+    eprintln!(
+        "distill: {} steps, {tokens} response tokens in {:.1}s ({:.1} tok/s) -> {}",
+        a.steps,
+        t0.elapsed().as_secs_f64(),
+        tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        ckpt.display()
+    );
+    Ok(last_eval)
+}

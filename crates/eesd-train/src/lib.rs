@@ -1,0 +1,5 @@
+//! The EESD trainer: teacher data from the frozen base (`teacher`), self-distillation of the
+//! early-exit head (`distill`), and the optimiser whose state we own (`adamw`).
+pub mod adamw;
+pub mod distill;
+pub mod teacher;

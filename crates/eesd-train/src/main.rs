@@ -1,0 +1,106 @@
+//! `eesd-train`: make teacher data with the base model, then distil the early-exit head.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use eesd_train::{distill, teacher};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "eesd-train",
+    version,
+    about = "Self-distil an early-exit draft head from a frozen LLaMA"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Let the base model answer corpus prompts (teacher data, parquet).
+    Gen(teacher::GenArgs),
+    /// Train the early-exit head on teacher data.
+    Distill(distill::DistillArgs),
+    /// Run a recipe: `[gen]` then `[distill]` from a TOML file whose keys are the flags of the
+    /// two subcommands (`exit_layer = 8` is `--exit-layer 8`; lists repeat the flag).
+    Run {
+        /// The recipe (see configs/).
+        config: PathBuf,
+        /// Skip `[gen]` (teacher data already made).
+        #[arg(long)]
+        skip_gen: bool,
+    },
+}
+
+/// TOML table -> the equivalent command line, so recipes and flags share one definition.
+fn table_to_args(sub: &str, table: &toml::Table) -> Result<Vec<String>> {
+    let mut args = vec!["eesd-train".to_string(), sub.to_string()];
+    for (k, v) in table {
+        let flag = format!("--{}", k.replace('_', "-"));
+        let mut push = |v: &toml::Value| -> Result<()> {
+            match v {
+                toml::Value::Boolean(true) => args.push(flag.clone()),
+                toml::Value::Boolean(false) => {}
+                toml::Value::String(s) => args.extend([flag.clone(), s.clone()]),
+                toml::Value::Integer(i) => args.extend([flag.clone(), i.to_string()]),
+                toml::Value::Float(f) => args.extend([flag.clone(), f.to_string()]),
+                other => bail!("[{sub}] {k}: unsupported value {other}"),
+            }
+            Ok(())
+        };
+        match v {
+            toml::Value::Array(items) => items.iter().try_for_each(&mut push)?,
+            v => push(v)?,
+        }
+    }
+    Ok(args)
+}
+
+fn run_recipe(path: &PathBuf, skip_gen: bool) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let recipe: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let section = |name: &str| -> Result<&toml::Table> {
+        recipe
+            .get(name)
+            .and_then(|v| v.as_table())
+            .with_context(|| format!("{} has no [{name}] table", path.display()))
+    };
+    // Every table named gen* (e.g. [gen] for training data, [gen_eval] for held-out data).
+    for (name, table) in recipe
+        .iter()
+        .filter(|(k, _)| k.starts_with("gen") && !skip_gen)
+    {
+        let table = table
+            .as_table()
+            .with_context(|| format!("[{name}] must be a table"))?;
+        eprintln!("recipe: [{name}]");
+        match Cli::try_parse_from(table_to_args("gen", table)?)?.cmd {
+            Command::Gen(a) => teacher::run(&a)?,
+            _ => unreachable!("parsed as gen"),
+        }
+    }
+    let args = table_to_args("distill", section("distill")?)?;
+    match Cli::try_parse_from(&args)?.cmd {
+        Command::Distill(a) => {
+            distill::run(&a)?;
+        }
+        _ => unreachable!("parsed as distill"),
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Command::Gen(a) => teacher::run(&a),
+        Command::Distill(a) => distill::run(&a).map(|_| ()),
+        Command::Run { config, skip_gen } => run_recipe(&config, skip_gen),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,159 @@
+//! `eesd-train gen`: the frozen base model answers corpus prompts; its answers are the
+//! distillation targets. Written in parquet parts of `--chunk` rows, each atomically, so a
+//! killed run loses at most the part in flight and a re-run skips the ids already done.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use eesd_core::corpus::{self, TeacherRow};
+use eesd_core::device::{parse_device, parse_dtype};
+use eesd_core::pretrained::Pretrained;
+use eesd_core::sampling::SamplingParams;
+use eesd_infer::plain::{generate_batch, GenerateOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug, Clone)]
+pub struct GenArgs {
+    /// Base model folder (or hub id).
+    #[arg(long)]
+    pub model: String,
+    /// cpu, cuda or cuda:N [default: cuda when available]
+    #[arg(long)]
+    pub device: Option<String>,
+    /// f32, f16 or bf16 [default: bf16 on cuda, f32 on cpu]
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Prompt corpora: parquet files, folders or globs (repeat the flag for several).
+    #[arg(long, required = true)]
+    pub data: Vec<String>,
+    /// The column holding the prompt text.
+    #[arg(long, default_value = "prompt")]
+    pub prompt_column: String,
+    /// Output folder of parquet parts (created; re-running resumes).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Take at most this many prompts from each --data (after skipping over-long ones), in
+    /// corpus order.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Skip prompts longer than this many tokens (chat-formatted).
+    #[arg(long, default_value_t = 512)]
+    pub max_prompt_tokens: usize,
+    /// 0 = greedy answers.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// Prompts decoded together (left-padded).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Rows per parquet part.
+    #[arg(long, default_value_t = 64)]
+    pub chunk: usize,
+}
+
+pub fn run(a: &GenArgs) -> Result<()> {
+    let sampling = SamplingParams::new(a.temperature, 0, a.top_p)?;
+    let device = parse_device(a.device.as_deref())?;
+    let kind = parse_dtype(a.dtype.as_deref(), device)?;
+    let mut sources = Vec::new();
+    for spec in &a.data {
+        sources.push(corpus::read_prompts(spec, &a.prompt_column)?);
+    }
+    let p =
+        Pretrained::load(&a.model, device, kind).with_context(|| format!("loading {}", a.model))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+
+    // Resume: ids already written are skipped; parts from another base are refused.
+    let mut done: HashSet<String> = HashSet::new();
+    let mut parts = 0usize;
+    if let Ok(existing) = corpus::expand(&format!("{}/part-*.parquet", a.out.display())) {
+        parts = existing.len();
+        for row in corpus::read_teacher(a.out.to_str().unwrap_or_default())? {
+            if row.base_fingerprint != p.fingerprint {
+                bail!(
+                    "{} holds teacher data of base {}, but this model is {}: use another --out",
+                    a.out.display(),
+                    row.base_fingerprint,
+                    p.fingerprint
+                );
+            }
+            done.insert(row.id);
+        }
+    }
+    let mut todo = Vec::new();
+    for prompts in sources {
+        let mut taken = 0;
+        for row in prompts {
+            if a.limit.is_some_and(|l| taken >= l) {
+                break;
+            }
+            let ids = p.tokenizer.encode_chat(&row.prompt)?;
+            if ids.len() > a.max_prompt_tokens || ids.is_empty() {
+                continue;
+            }
+            todo.push((row, ids));
+            taken += 1;
+        }
+    }
+    todo.retain(|(r, _)| !done.contains(&r.id));
+    eprintln!(
+        "gen: {} prompts to answer ({} already done) with {}",
+        todo.len(),
+        done.len(),
+        p.fingerprint
+    );
+    let bar = ProgressBar::new(todo.len() as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} prompts, {msg}, eta {eta}",
+    )?);
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        eos_ids: p.tokenizer.eos_ids.clone(),
+    };
+    tch::manual_seed(a.seed);
+    let t0 = Instant::now();
+    let mut tokens = 0usize;
+    for chunk in todo.chunks(a.chunk.max(1)) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for batch in chunk.chunks(a.batch_size.max(1)) {
+            let ids: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
+            let outs = generate_batch(&p.model, &ids, &opts)?;
+            for ((row, prompt_ids), response_ids) in batch.iter().zip(outs) {
+                tokens += response_ids.len();
+                rows.push(TeacherRow {
+                    id: row.id.clone(),
+                    prompt: row.prompt.clone(),
+                    response: p.tokenizer.decode(&response_ids)?,
+                    prompt_ids: prompt_ids.clone(),
+                    response_ids,
+                    base_fingerprint: p.fingerprint.clone(),
+                });
+            }
+            bar.inc(batch.len() as u64);
+            bar.set_message(format!(
+                "{:.1} tok/s",
+                tokens as f64 / t0.elapsed().as_secs_f64()
+            ));
+        }
+        let path = a.out.join(format!("part-{parts:05}.parquet"));
+        corpus::write_teacher(&path, &rows)?;
+        parts += 1;
+    }
+    bar.finish();
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "gen: {} responses, {tokens} tokens in {secs:.1}s ({:.1} tok/s) -> {}",
+        todo.len(),
+        tokens as f64 / secs.max(1e-9),
+        a.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! The trainer end to end on the tiny fixture model: gen -> distill -> a head that eesd-infer
+//! loads; the base stays bit-identical; a resumed run ends where an unbroken one does; bad
+//! input gives a clear error and leaves the last checkpoint intact.
+
+use eesd_core::corpus::{self, TeacherRow};
+use eesd_core::pretrained::Pretrained;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tch::{Device, Kind, Tensor};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../eesd-core/tests/fixtures/mha_untied")
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("eesd-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_eesd-train"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+fn clean_error(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure: {err}");
+    assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A prompt corpus over the fixture's word vocabulary (`w5 w17 ...`).
+fn corpus_file(dir: &Path, n: usize) -> PathBuf {
+    let rows: Vec<TeacherRow> = (0..n)
+        .map(|i| TeacherRow {
+            id: format!("toy/{i}"),
+            prompt: (0..4 + i % 5)
+                .map(|j| format!("w{}", 5 + (i * 7 + j * 3) % 120))
+                .collect::<Vec<_>>()
+                .join(" "),
+            response: String::new(),
+            prompt_ids: vec![],
+            response_ids: vec![],
+            base_fingerprint: String::new(),
+        })
+        .collect();
+    let f = dir.join("corpus.parquet");
+    corpus::write_teacher(&f, &rows).unwrap();
+    f
+}
+
+fn gen(dir: &Path) -> PathBuf {
+    let corpus = corpus_file(dir, 24);
+    let out = dir.join("teacher");
+    let m = fixture();
+    ok(train(&[
+        "gen",
+        "--model",
+        m.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--data",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "5",
+        "--chunk",
+        "10",
+    ]));
+    out
+}
+
+fn distill_args<'a>(m: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "distill",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--exit-layer",
+        "1",
+        "--steps",
+        steps,
+        "--accum",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-examples",
+        "4",
+        "--warmup",
+        "2",
+        "--seed",
+        "3",
+    ]
+}
+
+fn tensors(path: &Path) -> Vec<(String, Tensor)> {
+    let mut v = Tensor::read_safetensors(path).unwrap();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn gen_distill_and_the_head_loads_in_the_decoder() {
+    let dir = tmp("e2e");
+    let teacher = gen(&dir);
+    let rows = corpus::read_teacher(teacher.to_str().unwrap()).unwrap();
+    assert_eq!(rows.len(), 24);
+    // Resume: a second gen over the same corpus has nothing left to do.
+    let again = gen(&dir);
+    assert_eq!(
+        corpus::read_teacher(again.to_str().unwrap()).unwrap().len(),
+        24
+    );
+
+    let m = fixture();
+    let before = tensors(&m.join("model.safetensors"));
+    let out = dir.join("run");
+    let export = dir.join("exported");
+    let mut args = distill_args(
+        m.to_str().unwrap(),
+        teacher.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "4",
+    );
+    args.extend(["--draft-vocab", "64", "--export", export.to_str().unwrap()]);
+    ok(train(&args));
+    // The base is frozen: every weight bit-identical after training.
+    let after = tensors(&m.join("model.safetensors"));
+    for ((n, a), (_, b)) in before.iter().zip(&after) {
+        assert!(a.equal(b), "{n} changed");
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4);
+    assert!(metrics.contains("top1_agreement"));
+
+    // The exported head loads in the decoder and decodes losslessly.
+    let p = Pretrained::load(m.to_str().unwrap(), Device::Cpu, Kind::Float).unwrap();
+    let head = eesd_core::head::EarlyExitHead::load(&export, &p.model, &p.fingerprint).unwrap();
+    assert_eq!(head.draft_vocab_size(), 64);
+    let engine = eesd_infer::speculative::Engine::new(&p.model, Some(&head));
+    let mut costs = eesd_infer::cost::CostTracker::calibrate(&engine, 4, 8, 1);
+    let gen_opts = eesd_infer::plain::GenerateOptions {
+        max_new_tokens: 16,
+        sampling: Default::default(),
+        eos_ids: vec![],
+    };
+    let opts = eesd_infer::speculative::SpecOptions {
+        gen: gen_opts.clone(),
+        time_every: 1,
+        check_invariants: true,
+    };
+    for r in rows.iter().take(4) {
+        let want = eesd_infer::plain::generate(&p.model, &r.prompt_ids, &gen_opts, |_| {})
+            .unwrap()
+            .ids;
+        let mut c = eesd_infer::controller::parse("fixed:3", &Default::default()).unwrap();
+        let got = eesd_infer::speculative::generate(
+            &engine,
+            &r.prompt_ids,
+            &opts,
+            c.as_mut(),
+            &mut costs,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(got.ids, want);
+    }
+}
+
+#[test]
+fn resumed_run_equals_an_unbroken_run() {
+    let dir = tmp("resume");
+    let teacher = gen(&dir);
+    let m = fixture();
+    let (m, t) = (m.to_str().unwrap(), teacher.to_str().unwrap());
+    let whole = dir.join("whole");
+    ok(train(&distill_args(m, t, whole.to_str().unwrap(), "6")));
+    // The same run stopped after step 4 (a checkpoint), then resumed to 6.
+    let split = dir.join("split");
+    let mut first = distill_args(m, t, split.to_str().unwrap(), "6");
+    first.extend(["--stop-after", "4"]);
+    ok(train(&first));
+    let mut resumed = distill_args(m, t, split.to_str().unwrap(), "6");
+    resumed.push("--resume");
+    let o = ok(train(&resumed));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming at step 4"));
+    let (a, b) = (
+        tensors(&whole.join("checkpoint/head.safetensors")),
+        tensors(&split.join("checkpoint/head.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        let d = (x - y).abs().max().double_value(&[]);
+        assert!(d == 0.0, "{n}: resumed head differs by {d}");
+    }
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    let dir = tmp("bad");
+    let m = fixture();
+    let m = m.to_str().unwrap();
+    let corpus = corpus_file(&dir, 4);
+    let c = corpus.to_str().unwrap();
+    // a corpus without the column
+    clean_error(
+        &train(&[
+            "gen",
+            "--model",
+            m,
+            "--data",
+            c,
+            "--prompt-column",
+            "question",
+            "--out",
+            "/tmp/x",
+        ]),
+        "no column `question`",
+    );
+    // an empty corpus folder
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    clean_error(
+        &train(&[
+            "gen",
+            "--model",
+            m,
+            "--data",
+            empty.to_str().unwrap(),
+            "--out",
+            "/tmp/x",
+        ]),
+        "matches no parquet files",
+    );
+    // teacher data from another base
+    let foreign = dir.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    corpus::write_teacher(
+        &foreign.join("part-00000.parquet"),
+        &[TeacherRow {
+            id: "x/0".into(),
+            prompt: "w5".into(),
+            response: "w6".into(),
+            prompt_ids: vec![5],
+            response_ids: vec![6],
+            base_fingerprint: "llama-32x4096-0123456789abcdef".into(),
+        }],
+    )
+    .unwrap();
+    let out = dir.join("out");
+    clean_error(
+        &train(&distill_args(
+            m,
+            foreign.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "2",
+        )),
+        "was made by base llama-32x4096",
+    );
+    // N outside [1, L-1]
+    let teacher = gen(&dir);
+    let t = teacher.to_str().unwrap();
+    let mut args = distill_args(m, t, out.to_str().unwrap(), "2");
+    let at = args.iter().position(|a| *a == "--exit-layer").unwrap() + 1;
+    args[at] = "2";
+    clean_error(&train(&args), "outside [1, 1]");
+    // a head checkpoint of another model is refused at load
+    ok(train(&distill_args(m, t, out.to_str().unwrap(), "2")));
+    let other = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../eesd-core/tests/fixtures/gqa_tied_headdim");
+    let q = eesd_core::pretrained::resolve_model_dir(other.to_str().unwrap()).unwrap();
+    let cfg = eesd_core::config::LlamaConfig::from_file(&q.join("config.json")).unwrap();
+    let w = eesd_core::weights::Weights::open_dir(&q, Kind::Float, Device::Cpu).unwrap();
+    let fp = eesd_core::fingerprint::fingerprint(&cfg, &w.shapes().unwrap());
+    let other_model = eesd_core::model::Llama::load(cfg, &w).unwrap();
+    let err = eesd_core::head::EarlyExitHead::load(&out.join("checkpoint"), &other_model, &fp)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("head was trained for base"), "{err}");
+    // NaN loss: training stops, and the last good checkpoint (step 2) is left as it was.
+    let good = std::fs::read(out.join("checkpoint/head.safetensors")).unwrap();
+    let mut args = distill_args(m, t, out.to_str().unwrap(), "8");
+    args.extend(["--resume", "--lr", "1e30", "--clip", "1e38"]);
+    clean_error(&train(&args), "loss became");
+    assert_eq!(
+        std::fs::read(out.join("checkpoint/head.safetensors")).unwrap(),
+        good
+    );
+    let p = Pretrained::load(m, Device::Cpu, Kind::Float).unwrap();
+    assert!(eesd_core::head::EarlyExitHead::load(
+        &out.join("checkpoint"),
+        &p.model,
+        &p.fingerprint
+    )
+    .is_ok());
+}
