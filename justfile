@@ -9,6 +9,7 @@ export VIRTUAL_ENV := justfile_directory() / ".venv"
 export PATH := justfile_directory() / ".venv/bin" + ":" + env_var("PATH")
 
 model := "data/models/smollm2-135m-instruct"
+head := "data/heads/smollm2-135m-instruct"
 bin := "target/release/eesd-infer"
 
 # List the recipes.
@@ -23,9 +24,20 @@ setup:
 build: setup
     cargo build --release --workspace
 
-# Generate with the default model and print the text, then the statistics.
-demo prompt="What is the capital of France? Answer in one sentence, then name two famous sights there.": build
-    {{bin}} generate --model {{model}} --chat --max-new-tokens 96 --prompt "{{prompt}}"
+# EESD with the committed head on the default model: text, statistics, and the speedup over
+# plain decoding measured in the same run.
+demo prompt="Explain in three sentences why the sky is blue.": build
+    {{bin}} generate --model {{model}} --head {{head}} --chat --max-new-tokens 128 --prompt "{{prompt}}"
+    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/mtbench.parquet --num-prompts 2 --max-new-tokens 96 --controllers off,thompson --out results/demo
+
+# Train a head from a recipe (teacher data, then distillation), e.g. configs/smollm2-135m.toml.
+train config: build
+    target/release/eesd-train run {{config}}
+
+# Every controller on GSM8K, HumanEval and MT-Bench prompts with the committed head: table, JSON, PNG.
+bench prompts="8" tokens="128": build
+    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --out results
+    python scripts/plot.py bench results/bench.json
 
 # Run every test (unit, golden against transformers, consistency, CLI, real model).
 test: setup
@@ -45,6 +57,7 @@ references: setup
     python scripts/make_golden.py
     python scripts/reference_greedy.py {{model}} data/corpora crates/eesd-infer/tests/fixtures/smollm2_greedy.jsonl
 
-# Build the test executables a GPU machine runs (scripts/gpu_check.sh) into .device/.
+# Build what a GPU machine runs (release binaries, test executables) into .device/; then run
+# `scripts/gpu_check.sh` there (PyTorch 2.11, no Rust): CUDA tests, LLaMA-2-7B-shaped timings.
 gpu-bundle: setup
     scripts/gpu_bundle.sh

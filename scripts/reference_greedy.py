@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SOURCES = ["gsm8k", "humaneval", "mtbench", "sharegpt"]
-PER_SOURCE = 6
+PER_SOURCE = 13
 MAX_PROMPT_TOKENS = 320
 NEW_TOKENS = 64
 

@@ -231,6 +231,34 @@ impl HfConfig {
 }
 
 impl LlamaConfig {
+    /// Published shapes, for timing with random weights: `llama2-7b`, `llama2-13b`,
+    /// `llama2-70b`, `smollm2-135m`.
+    pub fn named_shape(name: &str) -> Option<Self> {
+        let (h, i, l, nh, nkv, v, ctx, theta, tied) = match name {
+            "llama2-7b" => (4096, 11008, 32, 32, 32, 32000, 4096, 10000.0, false),
+            "llama2-13b" => (5120, 13824, 40, 40, 40, 32000, 4096, 10000.0, false),
+            "llama2-70b" => (8192, 28672, 80, 64, 8, 32000, 4096, 10000.0, false),
+            "smollm2-135m" => (576, 1536, 30, 9, 3, 49152, 8192, 100000.0, true),
+            _ => return None,
+        };
+        Some(LlamaConfig {
+            hidden_size: h,
+            intermediate_size: i,
+            num_layers: l,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: h / nh,
+            vocab_size: v,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: ctx,
+            rope_theta: theta,
+            rope_scaling: RopeScaling::None,
+            tie_word_embeddings: tied,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        })
+    }
+
     /// Reads and resolves `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         HfConfig::from_file(path)?.resolve().map_err(|e| match e {

@@ -315,12 +315,13 @@ impl EarlyExitHead {
 
     /// A cache for the head's own layers.
     pub fn new_cache(&self, base: &Llama, batch: i64, capacity: i64) -> KvCache {
+        // f32 while training, the base dtype otherwise.
         KvCache::with_layers(
             &base.cfg,
             self.layers.len(),
             batch,
             capacity,
-            base.kind,
+            self.norm.weight.kind(),
             base.device,
         )
     }

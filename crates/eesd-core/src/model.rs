@@ -354,6 +354,62 @@ impl Llama {
         })
     }
 
+    /// A model of `cfg`'s shape with random weights (std 0.02, norms 1), made directly on the
+    /// device: for timing real shapes (LLaMA-2-7B, 13B) where no checkpoint can be carried.
+    pub fn random(cfg: LlamaConfig, kind: Kind, device: Device) -> Self {
+        let _g = tch::no_grad_guard();
+        let (h, i, v) = (
+            cfg.hidden_size as i64,
+            cfg.intermediate_size as i64,
+            cfg.vocab_size as i64,
+        );
+        let (nh, nkv, hd) = (
+            cfg.num_heads as i64,
+            cfg.num_kv_heads as i64,
+            cfg.head_dim as i64,
+        );
+        let w = |shape: &[i64]| Tensor::randn(shape, (kind, device)) * 0.02;
+        let norm = || RmsNorm {
+            weight: Tensor::ones([h], (kind, device)),
+            eps: cfg.rms_norm_eps,
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|_| DecoderLayer {
+                input_layernorm: norm(),
+                self_attn: Attention {
+                    qkv_proj: w(&[(nh + 2 * nkv) * hd, h]),
+                    o_proj: w(&[h, nh * hd]),
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: norm(),
+                mlp: Mlp {
+                    gate_up_proj: w(&[2 * i, h]),
+                    down_proj: w(&[h, i]),
+                    intermediate: i,
+                },
+            })
+            .collect();
+        let embed_tokens = w(&[v, h]);
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            w(&[v, h])
+        };
+        let rope = Rope::new(&cfg, cfg.max_position_embeddings, kind, device);
+        Llama {
+            norm: norm(),
+            cfg,
+            embed_tokens,
+            layers,
+            lm_head,
+            rope,
+            kind,
+            device,
+        }
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }

@@ -37,6 +37,33 @@ enum Command {
     BenchDecode(BenchArgs),
     /// Run every controller on the same prompts (greedy) and compare them with plain decoding.
     Bench(SpecBenchArgs),
+    /// Time a published model shape with random weights: plain decode vs the bandwidth floor,
+    /// draft step cost c per exit layer, verify cost per width (for GPUs without checkpoints).
+    BenchShape(ShapeArgs),
+}
+
+#[derive(Args)]
+struct ShapeArgs {
+    /// llama2-7b, llama2-13b, llama2-70b or smollm2-135m.
+    #[arg(long, default_value = "llama2-7b")]
+    shape: String,
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Exit layers N to time, comma-separated.
+    #[arg(long, default_value = "4,8,12")]
+    exit_layers: String,
+    /// Draft vocabulary size (0 = full).
+    #[arg(long, default_value_t = 0)]
+    draft_vocab: usize,
+    #[arg(long, default_value_t = 8)]
+    max_draft: usize,
+    /// Prompt tokens in the cache while timing.
+    #[arg(long, default_value_t = 256)]
+    context: i64,
+    #[arg(long)]
+    json_out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -513,12 +540,75 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_shape(a: ShapeArgs) -> Result<()> {
+    use eesd_infer::bench::shape;
+    let cfg = eesd_core::config::LlamaConfig::named_shape(&a.shape).with_context(|| {
+        format!(
+            "unknown shape `{}`: llama2-7b, llama2-13b, llama2-70b, smollm2-135m",
+            a.shape
+        )
+    })?;
+    let device = parse_device(a.device.as_deref())?;
+    let kind = parse_dtype(a.dtype.as_deref(), device)?;
+    let exits: Vec<usize> = a
+        .exit_layers
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse()
+                .with_context(|| format!("bad exit layer `{x}`"))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = cfg.weight_params_per_token() as f64 * kind.elt_size_in_bytes() as f64;
+    eprintln!(
+        "{}: {:.2} GB of weights in {kind:?} on {device:?}",
+        a.shape,
+        bytes / 1e9
+    );
+    let base = eesd_core::model::Llama::random(cfg, kind, device);
+    let bandwidth = shape::bandwidth(device, kind);
+    let step = shape::plain_step(&base, a.context, 30);
+    let floor = bandwidth / bytes;
+    eprintln!(
+        "plain decode {:.1} tok/s; bandwidth {:.0} GB/s -> floor {floor:.1} tok/s ({:.0}% of floor)",
+        1.0 / step,
+        bandwidth / 1e9,
+        100.0 / step / floor
+    );
+    let mut per_exit = Vec::new();
+    for &n in &exits {
+        let (c, v) = shape::spec_costs(&base, n, a.draft_vocab, a.max_draft, a.context);
+        eprintln!(
+            "N = {n}: draft step c = {c:.3}; verify k+1 = 1..{}: {:?}",
+            a.max_draft + 1,
+            v.iter()
+                .map(|x| (x * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>()
+        );
+        per_exit
+            .push(serde_json::json!({"exit_layer": n, "draft_step_c": c, "verify_relative": v}));
+    }
+    let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+    let report = serde_json::json!({
+        "shape": a.shape, "device": device_name, "dtype": format!("{kind:?}"), "context": a.context,
+        "weight_bytes": bytes, "bandwidth_bytes_per_s": bandwidth, "floor_tokens_per_s": floor,
+        "plain_tokens_per_s": 1.0 / step, "fraction_of_floor": 1.0 / step / floor,
+        "draft_vocab": a.draft_vocab, "exits": per_exit,
+    });
+    println!("{report}");
+    if let Some(path) = a.json_out {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Generate(a) => generate(a),
         Command::BenchDecode(a) => bench_decode(a),
         Command::Bench(a) => bench_spec(a),
+        Command::BenchShape(a) => bench_shape(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

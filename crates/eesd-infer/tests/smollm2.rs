@@ -1,6 +1,6 @@
 //! The real default model (SmolLM2-135M-Instruct, made by `just setup`): chat-formatted prompt
 //! ids and 64-token greedy continuations equal transformers' (scripts/reference_greedy.py wrote
-//! the committed reference), on 24 prompts from GSM8K, HumanEval, MT-Bench and ShareGPT.
+//! the committed reference), on 52 prompts from GSM8K, HumanEval, MT-Bench and ShareGPT.
 
 use eesd_core::pretrained::Pretrained;
 use eesd_infer::plain::{generate, GenerateOptions};
