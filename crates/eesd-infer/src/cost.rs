@@ -96,8 +96,10 @@ impl CostTracker {
             let secs = time(&mut || {
                 // Verification: [0, N) for one token, [N, L) over k+1 positions.
                 let h = engine.lower(&base.embed(&one), &mut cache);
-                let logits =
-                    engine.upper_logits(&h.expand([1, k as i64 + 1, -1], false), &mut cache);
+                let logits = engine.upper_logits(
+                    &h.expand([1, k as i64 + 1, -1], false).contiguous(),
+                    &mut cache,
+                );
                 let _ = Vec::<i64>::try_from(
                     logits
                         .argmax(-1, false)

@@ -57,3 +57,71 @@ fn greedy_equals_transformers_on_the_default_model() {
     }
     assert!(n >= 20, "only {n} reference prompts");
 }
+
+/// Speculative decoding on the real model: for every controller, with a random head and with
+/// the committed trained head, greedy output equals plain decoding (`off`) and transformers' ids
+/// (the first `TOKENS` of the 64-token references), on all reference prompts.
+#[test]
+fn speculative_greedy_equals_transformers_on_the_default_model() {
+    use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec};
+    use eesd_infer::controller::{parse, ThompsonConfig};
+    use eesd_infer::cost::CostTracker;
+    use eesd_infer::speculative::{generate as spec_generate, Engine, SpecOptions};
+    const TOKENS: usize = 24;
+    let dir = model_dir();
+    assert!(dir.join("config.json").is_file(), "run `just setup` first");
+    let p = Pretrained::load(dir.to_str().unwrap(), tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let trained_dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/heads/smollm2-135m-instruct");
+    let trained = EarlyExitHead::load(&trained_dir, &p.model, &p.fingerprint).unwrap();
+    tch::manual_seed(0);
+    let mut spec = HeadSpec::for_base(&p.model, &p.fingerprint, trained.spec.exit_layer);
+    spec.init = HeadInit::Random;
+    let random = EarlyExitHead::init(&p.model, spec, None).unwrap();
+    let refs = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_greedy.jsonl"),
+    )
+    .unwrap();
+    let cases: Vec<(String, Vec<u32>, Vec<u32>)> = refs
+        .lines()
+        .map(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
+            (
+                r["id"].as_str().unwrap().to_string(),
+                serde_json::from_value(r["prompt_ids"].clone()).unwrap(),
+                ids.into_iter().take(TOKENS).collect(),
+            )
+        })
+        .collect();
+    assert!(cases.len() >= 50, "{} reference prompts", cases.len());
+    let opts = SpecOptions {
+        gen: GenerateOptions {
+            max_new_tokens: TOKENS,
+            sampling: Default::default(),
+            eos_ids: p.tokenizer.eos_ids.clone(),
+        },
+        time_every: 1,
+        check_invariants: true,
+    };
+    for (hname, head) in [("random", &random), ("trained", &trained)] {
+        let engine = Engine::new(&p.model, Some(head));
+        let mut costs = CostTracker::calibrate(&engine, 8, 32, 2);
+        for name in [
+            "off",
+            "thompson",
+            "thompson-calibrated",
+            "fixed:1",
+            "fixed:4",
+            "heuristic",
+            "confidence:0.5",
+        ] {
+            let mut c = parse(name, &ThompsonConfig::default()).unwrap();
+            for (id, prompt, want) in &cases {
+                let got =
+                    spec_generate(&engine, prompt, &opts, c.as_mut(), &mut costs, |_| {}).unwrap();
+                assert_eq!(&got.ids, want, "{hname} head, {name}, {id}");
+            }
+        }
+    }
+}

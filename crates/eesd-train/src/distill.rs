@@ -504,6 +504,23 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
         idx
     };
     let metrics_path = a.out.join("metrics.jsonl");
+    if state.step > 0 {
+        // Steps logged after the checkpoint we resume from (a killed run) are redone: drop them.
+        let kept: Vec<String> = std::fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= state.step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&metrics_path, kept.concat())?;
+    } else {
+        let _ = std::fs::remove_file(&metrics_path);
+    }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -201,6 +201,20 @@ fn resumed_run_equals_an_unbroken_run() {
     resumed.push("--resume");
     let o = ok(train(&resumed));
     assert!(String::from_utf8_lossy(&o.stderr).contains("resuming at step 4"));
+    let steps: Vec<u64> = std::fs::read_to_string(split.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![1, 2, 3, 4, 5, 6],
+        "one metrics line per step across the resume"
+    );
     let (a, b) = (
         tensors(&whole.join("checkpoint/head.safetensors")),
         tensors(&split.join("checkpoint/head.safetensors")),
