@@ -236,21 +236,18 @@ impl CalibratedThompson {
         ((confidence.clamp(0.0, 1.0) * Self::BUCKETS as f32) as usize).min(Self::BUCKETS - 1)
     }
 
-    /// Does proposing token `i + 1` pay: survival so far times the chance it is accepted,
-    /// against its draft step plus the extra verify position.
-    fn next_pays(&mut self, i: usize, costs: &Costs) -> bool {
-        let theta = self.global.sample(&mut self.rng);
-        let gain = self.survive * theta;
-        gain > costs.draft_step + costs.verify(i + 1) - costs.verify(i)
+    /// Marginal cost of proposing draft `i` (1-based): its pass through [0, N) in the verify
+    /// (about a draft step, c) plus the wider verify, v(i) - v(i - 1).
+    fn propose_cost(i: usize, costs: &Costs) -> f64 {
+        costs.draft_step + costs.verify(i) - costs.verify(i - 1)
     }
 }
 
 impl Controller for CalibratedThompson {
-    fn plan(&mut self, costs: &Costs) -> usize {
+    /// Always at least look at one draft: its [0, N) pass is work the verify needs anyway, so
+    /// drafting and then dropping an unsure first token costs only the head.
+    fn plan(&mut self, _costs: &Costs) -> usize {
         self.survive = 1.0;
-        if self.cfg.allow_plain && !self.next_pays(0, costs) {
-            return 0;
-        }
         self.cfg.k_max
     }
 
@@ -258,10 +255,18 @@ impl Controller for CalibratedThompson {
         true
     }
 
+    /// Token-aware stopping: the chance that drafts 1..=i all survive is the product of the
+    /// sampled acceptance of each one's confidence bucket. Draft i is proposed only if that
+    /// chance pays for proposing it; drafting goes on while the next one (at the overall
+    /// acceptance rate) would pay too.
     fn after_draft(&mut self, i: usize, confidence: f32, costs: &Costs) -> Next {
         let theta = self.buckets[Self::bucket(confidence)].sample(&mut self.rng);
         self.survive *= theta;
-        if i >= self.cfg.k_max || !self.next_pays(i, costs) {
+        if self.cfg.allow_plain && self.survive < Self::propose_cost(i, costs) {
+            return Next::StopDiscard;
+        }
+        let next_gain = self.survive * self.global.sample(&mut self.rng);
+        if i >= self.cfg.k_max || next_gain < Self::propose_cost(i + 1, costs) {
             Next::Stop
         } else {
             Next::Continue

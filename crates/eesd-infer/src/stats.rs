@@ -25,6 +25,9 @@ pub struct DecodeStats {
     pub new_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// Generations summed into these stats (1 for one prompt).
+    #[serde(skip)]
+    pub generations: usize,
     pub rounds: usize,
     pub drafted: usize,
     pub accepted: usize,
@@ -35,8 +38,10 @@ pub struct DecodeStats {
 }
 
 impl DecodeStats {
+    /// Tokens produced after the prefill's: one generation's `new_tokens - 1`; summed over
+    /// generations by [`Self::merge`].
     pub fn decode_tokens(&self) -> usize {
-        self.new_tokens.saturating_sub(1)
+        self.new_tokens.saturating_sub(self.generations.max(1))
     }
 
     pub fn decode_tokens_per_s(&self) -> f64 {
@@ -64,6 +69,7 @@ impl DecodeStats {
 
     /// Adds another generation's counts (for totals over prompts).
     pub fn merge(&mut self, o: &DecodeStats) {
+        self.generations += o.generations.max(1);
         self.prompt_tokens += o.prompt_tokens;
         self.new_tokens += o.new_tokens;
         self.prefill_seconds += o.prefill_seconds;
@@ -78,11 +84,6 @@ impl DecodeStats {
             self.drafted_at[i] += o.drafted_at[i];
             self.accepted_at[i] += o.accepted_at[i];
         }
-    }
-
-    /// For totals over several generations: decode tokens of all of them.
-    pub fn decode_tokens_total(parts: &[DecodeStats]) -> usize {
-        parts.iter().map(|s| s.decode_tokens()).sum()
     }
 
     pub fn acceptance_rate(&self) -> f64 {
