@@ -614,3 +614,53 @@ mod tests {
         assert_eq!(c.after_draft(2, 0.3, &costs), Next::StopDiscard);
     }
 }
+
+#[cfg(test)]
+mod calibrated_tests {
+    use super::*;
+    use rand::Rng;
+
+    /// Drafts whose confidence is their acceptance probability, spread over [0, 1]: the
+    /// calibrated controller must learn to propose the confident ones and drop the rest.
+    #[test]
+    fn calibrated_proposes_confident_drafts_only() {
+        let costs = Costs::linear(0.35, 0.05, 8);
+        let mut c = CalibratedThompson::new(ThompsonConfig::default());
+        let mut rng = StdRng::seed_from_u64(5);
+        let (mut proposed_conf, mut proposed, mut rounds) = (0.0, 0usize, 0usize);
+        for round in 0..3000 {
+            let k_plan = c.plan(&costs);
+            let mut confs = Vec::new();
+            let mut accepted_flags = Vec::new();
+            for i in 1..=k_plan {
+                let conf: f32 = rng.random();
+                let next = c.after_draft(i, conf, &costs);
+                if next == Next::StopDiscard {
+                    break;
+                }
+                confs.push(conf);
+                accepted_flags.push(rng.random::<f32>() < conf);
+                if next == Next::Stop {
+                    break;
+                }
+            }
+            let accepted = accepted_flags.iter().take_while(|&&a| a).count();
+            c.observe(&Outcome {
+                drafted: confs.len(),
+                accepted,
+                confidences: &confs,
+            });
+            if round >= 1000 {
+                rounds += 1;
+                proposed += confs.len();
+                proposed_conf += confs.first().copied().unwrap_or(0.0) as f64;
+            }
+        }
+        let rate = proposed as f64 / rounds as f64;
+        assert!(rate > 0.3, "proposes {rate:.2} drafts per round");
+        assert!(
+            proposed_conf / rounds as f64 > 0.25,
+            "mean confidence of first proposals too low"
+        );
+    }
+}

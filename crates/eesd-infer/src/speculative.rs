@@ -194,7 +194,10 @@ pub fn generate(
         // Verify: the last proposed token (or `pending` when nothing was drafted) still needs
         // [0, N); then [N, L) runs once over the k+1 saved layer-N states.
         let t_verify = Instant::now();
-        if lower_states.len() == k {
+        // A dropped draft (StopDiscard) already ran the last input through [0, N): this
+        // verify is cheaper than v(k) measures, and its timing would skew the cost model.
+        let full_verify = lower_states.len() == k;
+        if full_verify {
             let h = engine.lower(&base.embed(&input.view([1, 1])), &mut cache);
             lower_states.push(h);
         }
@@ -219,7 +222,7 @@ pub fn generate(
             accept_sampled(&p, &q, &draft_ids, &u)
         };
         let verify_secs = t_verify.elapsed().as_secs_f64();
-        if timed {
+        if timed && full_verify {
             if k > 0 {
                 costs.draft_step.add(draft_secs / k as f64);
             }
