@@ -40,7 +40,7 @@ def bench(path):
                 ax2.plot(range(1, len(r["accepted_by_position"]) + 1), r["accepted_by_position"],
                          marker="o", label=f"{c} / {d}")
     ax2.set_xlabel("draft position")
-    ax2.set_ylabel("acceptance (given the earlier drafts were accepted)")
+    ax2.set_ylabel("accepted / drafted at this position")
     ax2.set_ylim(0, 1)
     ax2.legend(fontsize=7)
     fig.tight_layout()

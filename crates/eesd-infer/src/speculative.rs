@@ -134,7 +134,7 @@ pub fn generate(
         } else {
             0
         };
-        let timed = round % opts.time_every.max(1) == 0;
+        let timed = round.is_multiple_of(opts.time_every.max(1));
         let committed_before = cache.len(0); // every committed token but `pending`
 
         // Draft: each step runs one token through [0, N) and the head (plus any backlog).

@@ -302,3 +302,133 @@ fn missing_prompt_file() {
         "cannot read prompt file",
     );
 }
+
+#[test]
+fn speculative_flags_are_checked() {
+    let m = model();
+    assert_clean_error(
+        &run(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "w5",
+            "--controller",
+            "best",
+        ]),
+        "unknown controller `best`",
+    );
+    assert_clean_error(
+        &run(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "w5",
+            "--controller",
+            "fixed:0",
+        ]),
+        "K >= 1",
+    );
+    assert_clean_error(
+        &run(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "w5",
+            "--max-draft",
+            "0",
+            "--controller",
+            "thompson",
+        ]),
+        "at least 1",
+    );
+    assert_clean_error(
+        &run(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "w5",
+            "--controller",
+            "thompson",
+        ]),
+        "give --head",
+    );
+}
+
+#[test]
+fn a_head_for_another_model_is_refused() {
+    use eesd_core::head::{EarlyExitHead, HeadSpec};
+    let other = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../eesd-core/tests/fixtures/gqa_tied_headdim");
+    // The gqa fixture has no tokenizer: build its model and fingerprint directly.
+    let cfg = eesd_core::config::LlamaConfig::from_file(&other.join("config.json")).unwrap();
+    let w =
+        eesd_core::weights::Weights::open_dir(&other, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    let fp = eesd_core::fingerprint::fingerprint(&cfg, &w.shapes().unwrap());
+    let base = eesd_core::model::Llama::load(cfg, &w).unwrap();
+    let head = EarlyExitHead::init(&base, HeadSpec::for_base(&base, &fp, 1), None).unwrap();
+    let dir = tmpdir("otherhead").join("head");
+    head.save(&dir).unwrap();
+    let m = model();
+    let out = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "w5",
+        "--head",
+        dir.to_str().unwrap(),
+    ]);
+    assert_clean_error(&out, "head was trained for");
+}
+
+#[test]
+fn speculative_json_stats_have_the_contract_fields() {
+    use eesd_core::head::{EarlyExitHead, HeadSpec};
+    let p = eesd_core::pretrained::Pretrained::load(&model(), tch::Device::Cpu, tch::Kind::Float)
+        .unwrap();
+    let head = EarlyExitHead::init(
+        &p.model,
+        HeadSpec::for_base(&p.model, &p.fingerprint, 1),
+        None,
+    )
+    .unwrap();
+    let dir = tmpdir("head").join("head");
+    head.save(&dir).unwrap();
+    let m = model();
+    let out = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "w5 w6",
+        "--head",
+        dir.to_str().unwrap(),
+        "--controller",
+        "fixed:2",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in [
+        "rounds",
+        "drafted",
+        "accepted",
+        "acceptance_rate",
+        "mean_accepted_length",
+        "mean_draft_length",
+    ] {
+        assert!(v["stats"][k].is_number(), "stats.{k}: {v}");
+    }
+    assert!(v["stats"]["accepted_by_position"].is_array());
+    assert!(v["stats"]["drafted"].as_u64().unwrap() > 0);
+}
