@@ -67,7 +67,7 @@ fn speculative_greedy_equals_transformers_on_the_default_model() {
     use eesd_infer::controller::{parse, ThompsonConfig};
     use eesd_infer::cost::CostTracker;
     use eesd_infer::speculative::{generate as spec_generate, Engine, SpecOptions};
-    const TOKENS: usize = 24;
+    const TOKENS: usize = 12;
     let dir = model_dir();
     assert!(dir.join("config.json").is_file(), "run `just setup` first");
     let p = Pretrained::load(dir.to_str().unwrap(), tch::Device::Cpu, tch::Kind::Float).unwrap();
