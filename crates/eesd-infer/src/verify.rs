@@ -27,16 +27,19 @@ pub fn accept_greedy(base_logits: &Tensor, drafts: &Tensor) -> Verdict {
         .narrow(0, 0, k)
         .eq_tensor(drafts)
         .to_kind(Kind::Int64);
-    let accepted = matches
-        .cumprod(0, Kind::Int64)
-        .sum(Kind::Int64)
-        .unsqueeze(0);
+    read_verdict(&matches, &target)
+}
+
+/// The one host read of a round: `ok` `[K]` (1 where draft i passed its test) and the base's
+/// candidate token after each accepted prefix length `[K+1]` -> the verdict.
+fn read_verdict(ok: &Tensor, candidates: &Tensor) -> Verdict {
+    let accepted = ok.cumprod(0, Kind::Int64).sum(Kind::Int64).unsqueeze(0);
     let host =
-        Vec::<i64>::try_from(Tensor::cat(&[accepted, target], 0).to_device(tch::Device::Cpu))
+        Vec::<i64>::try_from(Tensor::cat(&[&accepted, candidates], 0).to_device(tch::Device::Cpu))
             .expect("verdict to host");
     let a = host[0] as usize;
     Verdict {
-        proposed: k as usize,
+        proposed: ok.size()[0] as usize,
         accepted: a,
         next_token: host[1 + a] as u32,
     }
@@ -59,7 +62,6 @@ pub fn accept_sampled(p: &Tensor, q: &Tensor, drafts: &Tensor, uniform: &Tensor)
         .lt_tensor(&pd)
         .logical_and(&pd.gt(0.0))
         .to_kind(Kind::Int64);
-    let accepted = ok.cumprod(0, Kind::Int64).sum(Kind::Int64).unsqueeze(0);
     // One candidate per position: the residual for each draft position, p itself for the bonus.
     let residual = (&p_k - q).clamp_min(0.0);
     let mass = residual.sum_dim_intlist(-1, true, Kind::Float);
@@ -67,15 +69,7 @@ pub fn accept_sampled(p: &Tensor, q: &Tensor, drafts: &Tensor, uniform: &Tensor)
     let residual = residual.where_self(&mass.gt(0.0), &p_k);
     let rows = Tensor::cat(&[residual, p.narrow(0, k, 1)], 0);
     let candidates = rows.multinomial(1, false).squeeze_dim(1); // [K+1]
-    let host =
-        Vec::<i64>::try_from(Tensor::cat(&[accepted, candidates], 0).to_device(tch::Device::Cpu))
-            .expect("verdict to host");
-    let a = host[0] as usize;
-    Verdict {
-        proposed: k as usize,
-        accepted: a,
-        next_token: host[1 + a] as u32,
-    }
+    read_verdict(&ok, &candidates)
 }
 
 #[cfg(test)]
