@@ -24,8 +24,7 @@ setup:
 build: setup
     cargo build --release --workspace
 
-# EESD with the committed head on the default model: text, statistics, and the speedup over
-# plain decoding measured in the same run.
+# EESD with the committed head: text, statistics, and the speedup over plain decoding in the same run.
 demo prompt="Explain in three sentences why the sky is blue.": build
     {{bin}} generate --model {{model}} --head {{head}} --chat --max-new-tokens 128 --prompt "{{prompt}}"
     {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/mtbench.parquet --num-prompts 2 --max-new-tokens 96 --controllers off,thompson --out results/demo
@@ -57,7 +56,6 @@ references: setup
     python scripts/make_golden.py
     python scripts/reference_greedy.py {{model}} data/corpora crates/eesd-infer/tests/fixtures/smollm2_greedy.jsonl
 
-# Build what a GPU machine runs (release binaries, test executables) into .device/; then run
-# `scripts/gpu_check.sh` there (PyTorch 2.11, no Rust): CUDA tests, LLaMA-2-7B-shaped timings.
+# Bundle binaries and CUDA tests into .device/ for scripts/gpu_check.sh on a GPU machine (torch 2.11, no Rust).
 gpu-bundle: setup
     scripts/gpu_bundle.sh
