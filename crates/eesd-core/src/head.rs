@@ -215,9 +215,7 @@ impl EarlyExitHead {
         let norm = RmsNorm::load(&w, "norm", h, base.cfg.rms_norm_eps)?;
         let vocab_map = match spec.draft_vocab_size {
             Some(vd) => {
-                let m =
-                    Weights::open_files(&[dir.join("head.safetensors")], Kind::Int64, base.device)?;
-                let t = m.get_exact("draft_vocab", &[vd as i64])?;
+                let t = w.get_exact("draft_vocab", &[vd as i64])?;
                 let max = t.max().int64_value(&[]);
                 if max as usize >= base.cfg.vocab_size {
                     return Err(Error::Input(format!(

@@ -111,13 +111,36 @@ impl Weights {
 
     /// Loads `name`, checks its shape, converts it to the store's dtype and device.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let missing = || Error::MissingTensor {
-            name: name.to_string(),
-            expected: shape.to_vec(),
-        };
-        let shard = &self.shards[*self.index.get(name).ok_or_else(missing)?];
+        let t = self.read(name, shape, |d| match d {
+            Dtype::F32 => Some(Kind::Float),
+            Dtype::F16 => Some(Kind::Half),
+            Dtype::BF16 => Some(Kind::BFloat16),
+            _ => None,
+        })?;
+        Ok(t.f_to_device(self.device)?.f_to_kind(self.kind)?)
+    }
+
+    /// Loads an integer tensor `name` (such as an index map) as i64 on the store's device.
+    pub fn get_exact(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let t = self.read(name, shape, |d| match d {
+            Dtype::I64 => Some(Kind::Int64),
+            Dtype::I32 => Some(Kind::Int),
+            _ => None,
+        })?;
+        Ok(t.f_to_kind(Kind::Int64)?.f_to_device(self.device)?)
+    }
+
+    /// Looks `name` up, checks its shape and that `kind_of` accepts its dtype, copies it into
+    /// a CPU tensor of that dtype and records it as used.
+    fn read(
+        &self,
+        name: &str,
+        shape: &[i64],
+        kind_of: fn(Dtype) -> Option<Kind>,
+    ) -> Result<Tensor> {
+        let shard = self.shard_of(name, shape)?;
         let st = SafeTensors::deserialize(&shard.mmap).map_err(|e| st_err(&shard.path, e))?;
-        let view = st.tensor(name).map_err(|_| missing())?;
+        let view = st.tensor(name).map_err(|e| st_err(&shard.path, e))?;
         let found: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         if found != shape {
             return Err(Error::ShapeMismatch {
@@ -126,55 +149,16 @@ impl Weights {
                 found,
             });
         }
-        let src_kind = match view.dtype() {
-            Dtype::F32 => Kind::Float,
-            Dtype::F16 => Kind::Half,
-            Dtype::BF16 => Kind::BFloat16,
-            other => {
-                return Err(Error::Dtype {
-                    name: name.to_string(),
-                    found: format!("{other:?}"),
-                })
-            }
-        };
-        let t = Tensor::f_from_data_size(view.data(), &found, src_kind)?;
-        let t = t.f_to_device(self.device)?.f_to_kind(self.kind)?;
+        let kind = kind_of(view.dtype()).ok_or_else(|| Error::Dtype {
+            name: name.to_string(),
+            found: format!("{:?}", view.dtype()),
+        })?;
+        let t = Tensor::f_from_data_size(view.data(), &found, kind)?;
         self.used
             .lock()
             .expect("weights lock")
             .insert(name.to_string());
         Ok(t)
-    }
-
-    /// Loads `name` without any dtype conversion (integer tensors such as index maps).
-    pub fn get_exact(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let shard = self.shard_of(name, shape)?;
-        let st = SafeTensors::deserialize(&shard.mmap).map_err(|e| st_err(&shard.path, e))?;
-        let view = st.tensor(name).map_err(|e| st_err(&shard.path, e))?;
-        let kind = match view.dtype() {
-            Dtype::I64 => Kind::Int64,
-            Dtype::I32 => Kind::Int,
-            other => {
-                return Err(Error::Dtype {
-                    name: name.to_string(),
-                    found: format!("{other:?}"),
-                })
-            }
-        };
-        let found: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        if found != shape {
-            return Err(Error::ShapeMismatch {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found,
-            });
-        }
-        let t = Tensor::f_from_data_size(view.data(), &found, kind)?.f_to_kind(Kind::Int64)?;
-        self.used
-            .lock()
-            .expect("weights lock")
-            .insert(name.to_string());
-        Ok(t.f_to_device(self.device)?)
     }
 
     fn shard_of(&self, name: &str, shape: &[i64]) -> Result<&Shard> {
