@@ -307,6 +307,11 @@ impl EarlyExitHead {
         self.cast_lm_head(kind);
     }
 
+    /// The draft LM head `[V_d, H]` (own, or the base's rows for the draft vocabulary).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().expect("lm head bound at load")
+    }
+
     pub fn draft_vocab_size(&self) -> i64 {
         self.lm_head.as_ref().map(|w| w.size()[0]).unwrap_or(0)
     }

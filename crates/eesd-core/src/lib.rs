@@ -8,6 +8,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod head;
 pub mod model;
+pub mod native;
 pub mod pretrained;
 pub mod rope;
 pub mod sampling;

@@ -104,3 +104,154 @@ pub mod shape {
         (n * n) as f64 * kind.elt_size_in_bytes() as f64 / secs
     }
 }
+
+/// Kernel-level timings on random weights of a model shape (CPU): the memory floor from a
+/// plain streaming read, and one pass of every weight product (all layers + LM head) for
+/// 1..16 rows on the native kernels and on torch, per dtype. This is what says whether a
+/// verify of k+1 positions costs more than one step (issues 7 and 8).
+pub mod kernels {
+    use eesd_core::config::LlamaConfig;
+    use eesd_core::model::Llama;
+    use eesd_core::native::{self, Ctx, Linear};
+    use std::time::Instant;
+    use tch::{Device, Kind, Tensor};
+
+    pub fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+
+    /// Seconds of one pass of every weight product of `model` over `m` rows, native kernels.
+    pub fn native_pass(model: &Llama, m: usize, reps: usize) -> f64 {
+        let ctx = Ctx::detect();
+        let mut mats: Vec<Linear> = Vec::new();
+        for l in &model.layers {
+            for t in [
+                &l.self_attn.qkv_proj,
+                &l.self_attn.o_proj,
+                &l.mlp.gate_up_proj,
+                &l.mlp.down_proj,
+            ] {
+                mats.push(Linear::new(t).expect("cpu weights"));
+            }
+        }
+        mats.push(Linear::new(&model.lm_head).expect("cpu weights"));
+        let k_max = model.cfg.intermediate_size.max(model.cfg.hidden_size);
+        let x: Vec<f32> = (0..m * k_max).map(|i| (i % 17) as f32 * 0.01).collect();
+        let n_max = mats.iter().map(|l| l.out_features()).max().unwrap_or(0);
+        let mut y = vec![0f32; m * n_max];
+        let shapes: Vec<(usize, usize)> = [
+            &model.layers[0].self_attn.qkv_proj,
+            &model.layers[0].self_attn.o_proj,
+            &model.layers[0].mlp.gate_up_proj,
+            &model.layers[0].mlp.down_proj,
+        ]
+        .iter()
+        .map(|t| (t.size()[0] as usize, t.size()[1] as usize))
+        .collect();
+        let pass = |y: &mut Vec<f32>| {
+            for (i, l) in mats.iter().enumerate() {
+                let (n, k) = if i + 1 == mats.len() {
+                    (l.out_features(), model.cfg.hidden_size)
+                } else {
+                    shapes[i % 4]
+                };
+                l.forward(&ctx, &x[..m * k], m, &mut y[..m * n]);
+            }
+        };
+        pass(&mut y);
+        median(
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    pass(&mut y);
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        )
+    }
+
+    /// The same pass through torch's `linear`.
+    pub fn torch_pass(model: &Llama, m: usize, reps: usize) -> f64 {
+        let _g = tch::no_grad_guard();
+        let h = model.cfg.hidden_size as i64;
+        let i = model.cfg.intermediate_size as i64;
+        let x_h = Tensor::randn([m as i64, h], (model.kind, Device::Cpu));
+        let x_i = Tensor::randn([m as i64, i], (model.kind, Device::Cpu));
+        let pass = || {
+            for l in &model.layers {
+                let _ = x_h.linear::<&Tensor>(&l.self_attn.qkv_proj, None);
+                let _ = x_h.linear::<&Tensor>(&l.self_attn.o_proj, None);
+                let _ = x_h.linear::<&Tensor>(&l.mlp.gate_up_proj, None);
+                let _ = x_i.linear::<&Tensor>(&l.mlp.down_proj, None);
+            }
+            let _ = x_h.linear::<&Tensor>(&model.lm_head, None);
+        };
+        pass();
+        median(
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    pass();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        )
+    }
+
+    /// Every measurement for `cfg` as JSON (also printed as a table on stderr).
+    pub fn run(
+        cfg: &LlamaConfig,
+        kinds: &[Kind],
+        rows: &[usize],
+        reps: usize,
+    ) -> serde_json::Value {
+        let ctx = Ctx::detect();
+        let bw = native::stream_read_bandwidth(ctx.pool, 1 << 30, 5);
+        let params = cfg.weight_params_per_token() as f64;
+        eprintln!(
+            "streaming read: {:.1} GB/s ({} threads, {:?}); weights per token: {:.0}M",
+            bw / 1e9,
+            ctx.pool.threads(),
+            ctx.isa,
+            params / 1e6
+        );
+        let mut out = Vec::new();
+        for &kind in kinds {
+            tch::manual_seed(0);
+            let model = Llama::random(cfg.clone(), kind, Device::Cpu);
+            let floor = bw / (params * kind.elt_size_in_bytes() as f64);
+            let mut per_rows = Vec::new();
+            let mut one = (0.0, 0.0);
+            // Interleaved: native and torch alternate for each row count.
+            for &m in rows {
+                let nat = native_pass(&model, m, reps);
+                let tor = torch_pass(&model, m, reps);
+                if m == 1 {
+                    one = (nat, tor);
+                }
+                eprintln!(
+                    "{kind:?} {m:>2} rows: native {:6.2} ms (x{:.2} of 1 row), torch {:6.2} ms (x{:.2})",
+                    nat * 1e3,
+                    nat / one.0.max(1e-12),
+                    tor * 1e3,
+                    tor / one.1.max(1e-12)
+                );
+                per_rows.push(serde_json::json!({
+                    "rows": m, "native_ms": nat * 1e3, "torch_ms": tor * 1e3,
+                }));
+            }
+            eprintln!(
+                "{kind:?}: floor {floor:.1} tok/s; one native pass = {:.0}% of the floor's time budget",
+                100.0 / (one.0 * floor)
+            );
+            out.push(serde_json::json!({
+                "dtype": format!("{kind:?}"), "floor_tokens_per_s": floor, "passes": per_rows,
+            }));
+        }
+        serde_json::json!({
+            "stream_read_bytes_per_s": bw, "threads": ctx.pool.threads(),
+            "isa": format!("{:?}", ctx.isa), "weight_params_per_token": params, "dtypes": out,
+        })
+    }
+}

@@ -3,7 +3,7 @@
 //! real rounds (EESD.md section 2: "both measured online").
 
 use crate::controller::Costs;
-use crate::speculative::Engine;
+use crate::speculative::{Engine, Hidden};
 use eesd_core::device::synchronize;
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -59,15 +59,20 @@ impl CostTracker {
         let dev = base.device;
         let cap = context + k_max as i64 + 2;
         let mut cache = base.new_cache(1, cap);
-        let ids = Tensor::randint(base.cfg.vocab_size as i64, [1, context], (Kind::Int64, dev));
-        let h = engine.lower(&base.embed(&ids), &mut cache);
-        let _ = engine.upper_logits(&h, &mut cache);
-        let mut head_cache = engine.head.map(|head| {
-            let mut c = head.new_cache(base, 1, cap);
-            let _ = head.forward(base, &h, &mut c);
-            c
-        });
-        let one = ids.narrow(1, 0, 1);
+        let ids: Vec<u32> = Vec::<i64>::try_from(Tensor::randint(
+            base.cfg.vocab_size as i64,
+            [context],
+            (Kind::Int64, tch::Device::Cpu),
+        ))
+        .expect("random ids")
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+        let mut head_cache = engine.head.map(|head| head.new_cache(base, 1, cap));
+        let _ = engine
+            .prefill(&ids, &mut cache, head_cache.as_mut())
+            .expect("calibration prefill");
+        let one = Tensor::from_slice(&[ids[0] as i64]).to_device(dev);
         let time = |f: &mut dyn FnMut()| {
             f(); // warm-up
             synchronize(dev);
@@ -82,11 +87,11 @@ impl CostTracker {
                     .collect(),
             )
         };
-        if let (Some(head), Some(hc)) = (engine.head, head_cache.as_mut()) {
+        if let Some(hc) = head_cache.as_mut() {
             let secs = time(&mut || {
-                let h = engine.lower(&base.embed(&one), &mut cache);
-                let logits = head.forward(base, &h, hc);
-                let _ = logits.argmax(-1, false);
+                let h = engine.embed_lower(&one, &mut cache).expect("draft step");
+                let logits = engine.head_logits(&h, hc).expect("draft step");
+                let _ = logits.argmax(-1, false).int64_value(&[0]);
                 cache.truncate(context);
                 hc.truncate(context);
             });
@@ -95,11 +100,11 @@ impl CostTracker {
         for k in 0..=k_max {
             let secs = time(&mut || {
                 // Verification: [0, N) for one token, [N, L) over k+1 positions.
-                let h = engine.lower(&base.embed(&one), &mut cache);
-                let logits = engine.upper_logits(
-                    &h.expand([1, k as i64 + 1, -1], false).contiguous(),
-                    &mut cache,
-                );
+                let h = engine.embed_lower(&one, &mut cache).expect("verify");
+                let parts: Vec<Hidden> = (0..=k).map(|_| h.share()).collect();
+                let logits = engine
+                    .upper_logits(&Hidden::cat(&parts), &mut cache)
+                    .expect("verify");
                 let _ = Vec::<i64>::try_from(
                     logits
                         .argmax(-1, false)

@@ -13,7 +13,7 @@ use eesd_infer::controller::{self, Controller, ThompsonConfig};
 use eesd_infer::cost::CostTracker;
 use eesd_infer::plain::{self, GenerateOptions};
 use eesd_infer::prompts::{read_prompt_file, Prompt};
-use eesd_infer::speculative::{self, Engine, SpecOptions};
+use eesd_infer::speculative::{self, Engine, Kernels, SpecOptions};
 use eesd_infer::stats::DecodeStats;
 use std::io::Write;
 use std::path::PathBuf;
@@ -40,6 +40,26 @@ enum Command {
     /// Time a published model shape with random weights: plain decode vs the bandwidth floor,
     /// draft step cost c per exit layer, verify cost per width (for GPUs without checkpoints).
     BenchShape(ShapeArgs),
+    /// CPU kernel timings on random weights: the streaming-read memory floor, and one pass of
+    /// every weight product for 1..16 rows, native kernels vs torch, per dtype.
+    BenchKernels(KernelArgs),
+}
+
+#[derive(Args)]
+struct KernelArgs {
+    /// smollm2-135m, llama2-7b, ... (random weights of that shape).
+    #[arg(long, default_value = "smollm2-135m")]
+    shape: String,
+    /// Comma-separated dtypes.
+    #[arg(long, default_value = "bf16,f16,f32")]
+    dtypes: String,
+    /// Comma-separated row counts.
+    #[arg(long, default_value = "1,2,3,5,9,16")]
+    rows: String,
+    #[arg(long, default_value_t = 15)]
+    reps: usize,
+    #[arg(long)]
+    json_out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -105,9 +125,13 @@ struct ModelArgs {
     /// cpu, cuda or cuda:N [default: cuda when available, else cpu]
     #[arg(long)]
     device: Option<String>,
-    /// f32, f16 or bf16 [default: bf16 on cuda, f32 on cpu]
+    /// f32, f16 or bf16 [default: bf16]
     #[arg(long)]
     dtype: Option<String>,
+    /// Decode kernels: native (our CPU kernels: exact verification, fastest on CPU) or torch
+    /// [default: native on cpu, torch on cuda]
+    #[arg(long)]
+    kernels: Option<String>,
 }
 
 #[derive(Args)]
@@ -202,6 +226,16 @@ fn load(args: &ModelArgs) -> Result<Pretrained> {
         kind
     );
     Ok(p)
+}
+
+/// The decode engine for `args`' kernel choice.
+fn engine<'a>(
+    p: &'a Pretrained,
+    head: Option<&'a EarlyExitHead>,
+    args: &ModelArgs,
+) -> Result<Engine<'a>> {
+    let kernels = Kernels::parse(args.kernels.as_deref(), p.model.device)?;
+    Ok(Engine::with_kernels(&p.model, head, kernels)?)
 }
 
 fn encode(p: &Pretrained, text: &str, chat: bool) -> Result<Vec<u32>> {
@@ -318,7 +352,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         a.spec.max_draft,
         a.seed as u64,
     )?;
-    let engine = Engine::new(&p.model, head.as_ref());
+    let engine = engine(&p, head.as_ref(), &a.model)?;
     let mut costs = if head.is_some() {
         CostTracker::calibrate(&engine, a.spec.max_draft, 64, 3)
     } else {
@@ -405,8 +439,9 @@ fn bench_decode(a: BenchArgs) -> Result<()> {
     };
     // Warm-up: allocator, kernels, thread pool.
     let warm = encode(&p, &prompts[0].text, true)?;
+    let engine = engine(&p, None, &a.model)?;
     plain::generate(
-        &p.model,
+        &engine,
         &warm,
         &GenerateOptions {
             max_new_tokens: 8,
@@ -417,7 +452,7 @@ fn bench_decode(a: BenchArgs) -> Result<()> {
     let (mut tokens, mut seconds) = (0usize, 0f64);
     for prompt in &prompts {
         let ids = encode(&p, &prompt.text, true)?;
-        let g = plain::generate(&p.model, &ids, &opts, |_| {})?;
+        let g = plain::generate(&engine, &ids, &opts, |_| {})?;
         tokens += g.stats.decode_tokens();
         seconds += g.stats.decode_seconds;
         eprintln!("[{}] {:.2} tok/s", prompt.id, g.stats.decode_tokens_per_s());
@@ -488,7 +523,7 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         }
         datasets.push(eesd_infer::bench_spec::Dataset { name, prompts });
     }
-    let engine = Engine::new(&p.model, Some(&head));
+    let engine = engine(&p, Some(&head), &a.model)?;
     let mut costs = CostTracker::calibrate(&engine, a.max_draft, 64, 5);
     let c = costs.costs();
     eprintln!(
@@ -602,6 +637,34 @@ fn bench_shape(a: ShapeArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_kernels(a: KernelArgs) -> Result<()> {
+    let cfg = eesd_core::config::LlamaConfig::named_shape(&a.shape)
+        .with_context(|| format!("unknown shape `{}`", a.shape))?;
+    let kinds = a
+        .dtypes
+        .split(',')
+        .map(|d| Ok(parse_dtype(Some(d.trim()), tch::Device::Cpu)?))
+        .collect::<Result<Vec<_>>>()?;
+    let rows = a
+        .rows
+        .split(',')
+        .map(|r| {
+            r.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&r| (1..=64).contains(&r))
+                .with_context(|| format!("bad row count `{r}` (1..=64)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let report = eesd_infer::bench::kernels::run(&cfg, &kinds, &rows, a.reps.max(1));
+    println!("{report}");
+    if let Some(path) = a.json_out {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -609,6 +672,7 @@ fn main() {
         Command::BenchDecode(a) => bench_decode(a),
         Command::Bench(a) => bench_spec(a),
         Command::BenchShape(a) => bench_shape(a),
+        Command::BenchKernels(a) => bench_kernels(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

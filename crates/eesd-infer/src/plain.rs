@@ -1,6 +1,7 @@
 //! Plain autoregressive decoding: one full forward pass per token. The baseline every
 //! speedup is measured against, and the reference the speculative path must equal.
 
+use crate::speculative::Engine;
 use crate::stats::DecodeStats;
 use eesd_core::device::synchronize;
 use eesd_core::model::Llama;
@@ -58,15 +59,17 @@ pub fn check_prompt(model: &Llama, prompt: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Generates up to `opts.max_new_tokens` after `prompt` with a single sequence.
-/// `on_token` sees the generated ids so far after each new one (for streaming).
+/// Generates up to `opts.max_new_tokens` after `prompt` with a single sequence, through
+/// `engine`'s kernels (its head, if any, is not used). `on_token` sees the generated ids so far
+/// after each new one (for streaming).
 pub fn generate(
-    model: &Llama,
+    engine: &Engine,
     prompt: &[u32],
     opts: &GenerateOptions,
     mut on_token: impl FnMut(&[u32]),
 ) -> Result<Generation> {
     let _guard = tch::no_grad_guard();
+    let model = engine.base;
     check_prompt(model, prompt)?;
     let ctx = model.cfg.max_position_embeddings;
     let capacity = ctx.min(prompt.len() + opts.max_new_tokens.max(1));
@@ -88,10 +91,8 @@ pub fn generate(
     // Prefill: the whole prompt in one pass gives the first new token.
     synchronize(device);
     let t0 = Instant::now();
-    let input: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-    let input = Tensor::from_slice(&input).to_device(device).unsqueeze(0);
-    let logits = model.forward(&input, &mut cache);
-    let mut next = opts.sampling.select(&logits.select(1, -1));
+    let logits = engine.prefill(prompt, &mut cache, None)?;
+    let mut next = opts.sampling.select(&logits);
     let mut token = next.int64_value(&[0]) as u32;
     stats.prefill_seconds = t0.elapsed().as_secs_f64();
 
@@ -110,8 +111,9 @@ pub fn generate(
         if prompt.len() + ids.len() >= ctx {
             break StopReason::ContextFull;
         }
-        let logits = model.forward(&next.view([1, 1]).to_kind(Kind::Int64), &mut cache);
-        next = opts.sampling.select(&logits.select(1, 0));
+        let h = engine.embed_lower(&next.to_kind(Kind::Int64), &mut cache)?;
+        let logits = engine.upper_logits(&h, &mut cache)?;
+        next = opts.sampling.select(&logits);
         token = next.int64_value(&[0]) as u32;
     };
     synchronize(device);

@@ -12,41 +12,223 @@ use crate::cost::CostTracker;
 use crate::plain::{check_prompt, GenerateOptions, Generation, StopReason};
 use crate::stats::DecodeStats;
 use crate::verify::{accept_greedy, accept_sampled, Verdict};
+use eesd_core::cache::KvCache;
 use eesd_core::device::synchronize;
 use eesd_core::head::EarlyExitHead;
 use eesd_core::model::Llama;
+use eesd_core::native::{NativeHead, NativeModel};
 use eesd_core::{Error, Result};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// The base model split at the exit layer, with its head.
+/// Which kernels run the decode steps (prefill always runs in torch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Our CPU kernels (`eesd_core::native`): a row gets the same bits alone or with others,
+    /// so verification equals plain decoding by construction; CPU only.
+    Native,
+    /// libtorch ops: CUDA, and CPU for comparison.
+    Torch,
+}
+
+impl Kernels {
+    /// `native` or `torch`; `None` picks native on CPU and torch on CUDA.
+    pub fn parse(spec: Option<&str>, device: Device) -> Result<Self> {
+        match spec {
+            None if device == Device::Cpu => Ok(Kernels::Native),
+            None | Some("torch") => Ok(Kernels::Torch),
+            Some("native") if device == Device::Cpu => Ok(Kernels::Native),
+            Some("native") => Err(Error::Input(
+                "--kernels native runs on the CPU only; use --kernels torch on CUDA".into(),
+            )),
+            Some(s) => Err(Error::Input(format!(
+                "bad kernels `{s}`: expected native or torch"
+            ))),
+        }
+    }
+}
+
+/// Hidden states of one sequence: `[1, T, H]` tensors on the torch path, `[T, H]` f32 rows
+/// on the native path.
+#[derive(Debug)]
+pub enum Hidden {
+    Torch(Tensor),
+    Native { data: Vec<f32>, rows: usize },
+}
+
+impl Hidden {
+    pub fn rows(&self) -> usize {
+        match self {
+            Hidden::Torch(t) => t.size()[1] as usize,
+            Hidden::Native { rows, .. } => *rows,
+        }
+    }
+
+    pub fn share(&self) -> Hidden {
+        match self {
+            Hidden::Torch(t) => Hidden::Torch(t.shallow_clone()),
+            Hidden::Native { data, rows } => Hidden::Native {
+                data: data.clone(),
+                rows: *rows,
+            },
+        }
+    }
+
+    /// Concatenation along positions.
+    pub fn cat(parts: &[Hidden]) -> Hidden {
+        match parts.first() {
+            Some(Hidden::Torch(_)) => {
+                let ts: Vec<&Tensor> = parts
+                    .iter()
+                    .map(|p| match p {
+                        Hidden::Torch(t) => t,
+                        Hidden::Native { .. } => unreachable!("one engine, one kind"),
+                    })
+                    .collect();
+                Hidden::Torch(Tensor::cat(&ts, 1))
+            }
+            _ => {
+                let mut data = Vec::new();
+                let mut rows = 0;
+                for p in parts {
+                    if let Hidden::Native { data: d, rows: r } = p {
+                        data.extend_from_slice(d);
+                        rows += r;
+                    }
+                }
+                Hidden::Native { data, rows }
+            }
+        }
+    }
+}
+
+struct NativeParts {
+    model: NativeModel,
+    head: Option<NativeHead>,
+}
+
+/// The base model split at the exit layer, with its head, and the kernels that run them.
 pub struct Engine<'a> {
     pub base: &'a Llama,
     /// `None` decodes plainly (controller `off`) through the same code.
     pub head: Option<&'a EarlyExitHead>,
     /// N; 0 without a head.
     pub exit_layer: usize,
+    native: Option<NativeParts>,
 }
 
 impl<'a> Engine<'a> {
+    /// Native kernels on CPU, torch on CUDA.
     pub fn new(base: &'a Llama, head: Option<&'a EarlyExitHead>) -> Self {
+        let kernels = Kernels::parse(None, base.device).expect("default kernels");
+        Self::with_kernels(base, head, kernels).expect("native views of a CPU model")
+    }
+
+    pub fn with_kernels(
+        base: &'a Llama,
+        head: Option<&'a EarlyExitHead>,
+        kernels: Kernels,
+    ) -> Result<Self> {
         let exit_layer = head.map(|h| h.spec.exit_layer).unwrap_or(0);
-        Engine {
+        let native = match kernels {
+            Kernels::Torch => None,
+            Kernels::Native => Some(NativeParts {
+                model: NativeModel::new(base)?,
+                head: head.map(|h| NativeHead::new(h, base)).transpose()?,
+            }),
+        };
+        Ok(Engine {
             base,
             head,
             exit_layer,
+            native,
+        })
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        if self.native.is_some() {
+            Kernels::Native
+        } else {
+            Kernels::Torch
         }
     }
 
-    /// Embedded tokens `[1, T, H]` through layers `[0, N)`.
-    pub fn lower(&self, x: &Tensor, cache: &mut eesd_core::cache::KvCache) -> Tensor {
-        self.base.forward_layers(x, 0..self.exit_layer, cache)
+    /// The prompt through every layer and, given its cache, the head, always in torch (its
+    /// GEMMs suit long prompts; decode steps then run on the engine's kernels, so every
+    /// position is computed the same way by plain and speculative decoding): the logits of the
+    /// last position `[1, V]`.
+    pub fn prefill(
+        &self,
+        prompt: &[u32],
+        cache: &mut KvCache,
+        head_cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let b = self.base;
+        let ids = ids_tensor(prompt, b.device);
+        let h_n = b.forward_layers(&b.embed(&ids), 0..self.exit_layer, cache);
+        if let (Some(head), Some(hc)) = (self.head, head_cache) {
+            let _ = head.forward_hidden(b, &h_n, hc);
+        }
+        let h = b.forward_layers(&h_n, self.exit_layer..b.num_layers(), cache);
+        Ok(b.logits(&b.final_norm(&h.select(1, -1).unsqueeze(1)))
+            .squeeze_dim(1))
     }
 
-    /// Layer-N states `[1, T, H]` through `[N, L)`, final norm and LM head: logits `[1, T, V]`.
-    pub fn upper_logits(&self, h: &Tensor, cache: &mut eesd_core::cache::KvCache) -> Tensor {
+    /// One token (`[1]` i64) embedded and run through `[0, N)`: its layer-N state.
+    pub fn embed_lower(&self, token: &Tensor, cache: &mut KvCache) -> Result<Hidden> {
+        match &self.native {
+            None => {
+                let b = self.base;
+                Ok(Hidden::Torch(b.forward_layers(
+                    &b.embed(&token.view([1, 1])),
+                    0..self.exit_layer,
+                    cache,
+                )))
+            }
+            Some(n) => {
+                let id = token.int64_value(&[0]) as u32;
+                let mut data = n.model.embed(&[id]);
+                n.model
+                    .forward_layers(&mut data, 1, 0..self.exit_layer, cache)?;
+                Ok(Hidden::Native { data, rows: 1 })
+            }
+        }
+    }
+
+    /// Layer-N states through `[N, L)`, final norm and LM head: logits `[T, V]` (f32).
+    pub fn upper_logits(&self, h: &Hidden, cache: &mut KvCache) -> Result<Tensor> {
         let b = self.base;
-        b.logits(&b.final_norm(&b.forward_layers(h, self.exit_layer..b.num_layers(), cache)))
+        let range = self.exit_layer..b.num_layers();
+        match (h, &self.native) {
+            (Hidden::Torch(t), None) => Ok(b
+                .logits(&b.final_norm(&b.forward_layers(t, range, cache)))
+                .squeeze_dim(0)),
+            (Hidden::Native { data, rows }, Some(n)) => {
+                let mut x = data.clone();
+                n.model.forward_layers(&mut x, *rows, range, cache)?;
+                let logits = n.model.logits(&x, *rows);
+                Ok(Tensor::from_slice(&logits).view([*rows as i64, -1]))
+            }
+            _ => Err(Error::Input("hidden states of another engine".into())),
+        }
+    }
+
+    /// Layer-N states through the head (filling its cache): draft logits of the last row,
+    /// `[1, V_d]` (f32).
+    pub fn head_logits(&self, h: &Hidden, head_cache: &mut KvCache) -> Result<Tensor> {
+        let head = self
+            .head
+            .ok_or_else(|| Error::Input("drafting needs a head".into()))?;
+        match (h, &self.native) {
+            (Hidden::Torch(t), None) => Ok(head.forward(self.base, t, head_cache).select(1, -1)),
+            (Hidden::Native { data, rows }, Some(n)) => {
+                let nh = n.head.as_ref().expect("native head built with the engine");
+                let mut x = data.clone();
+                let logits = nh.forward_last(&n.model, &mut x, *rows, head_cache)?;
+                Ok(Tensor::from_slice(&logits).unsqueeze(0))
+            }
+            _ => Err(Error::Input("hidden states of another engine".into())),
+        }
     }
 }
 
@@ -99,17 +281,12 @@ pub fn generate(
         });
     }
 
-    // Prefill: the prompt through every layer; its layer-N states wait for the head.
+    // Prefill: the prompt through every layer and the head.
     synchronize(device);
     let t0 = Instant::now();
-    let h_n = engine.lower(&base.embed(&ids_tensor(prompt, device)), &mut cache);
-    let logits = engine.upper_logits(&h_n, &mut cache);
-    let mut pending = sampling.select(&logits.select(1, -1)).int64_value(&[0]) as u32;
-    let mut head_backlog: Vec<Tensor> = if engine.head.is_some() {
-        vec![h_n]
-    } else {
-        vec![]
-    };
+    let logits = engine.prefill(prompt, &mut cache, head_cache.as_mut())?;
+    let mut pending = sampling.select(&logits).int64_value(&[0]) as u32;
+    let mut head_backlog: Vec<Hidden> = Vec::new();
     stats.prefill_seconds = t0.elapsed().as_secs_f64();
 
     let t_decode = Instant::now();
@@ -142,19 +319,19 @@ pub fn generate(
             synchronize(device);
         }
         let t_draft = Instant::now();
-        let mut lower_states: Vec<Tensor> = Vec::new(); // layer-N states of pending, d1, d2, ...
+        let mut lower_states: Vec<Hidden> = Vec::new(); // layer-N states of pending, d1, d2, ...
         let mut drafts: Vec<Tensor> = Vec::new(); // [1] i64 token ids
         let mut q_rows: Vec<Tensor> = Vec::new(); // [1, V] processed draft distributions
         let mut confidences: Vec<f32> = Vec::new();
         let mut input = Tensor::from_slice(&[pending as i64]).to_device(device);
         if let (Some(head), Some(hc)) = (engine.head, head_cache.as_mut()) {
             for i in 1..=planned {
-                let h = engine.lower(&base.embed(&input.view([1, 1])), &mut cache);
-                head_backlog.push(h.shallow_clone());
+                let h = engine.embed_lower(&input, &mut cache)?;
+                head_backlog.push(h.share());
                 lower_states.push(h);
-                let backlog = Tensor::cat(&head_backlog, 1);
+                let backlog = Hidden::cat(&head_backlog);
                 head_backlog.clear();
-                let draft_logits = head.forward(base, &backlog, hc).select(1, -1); // [1, V_d]
+                let draft_logits = engine.head_logits(&backlog, hc)?; // [1, V_d]
                 let q = (!sampling.is_greedy() || controller.wants_confidence())
                     .then(|| sampling.probs(&draft_logits));
                 let idx = match (&q, sampling.is_greedy()) {
@@ -198,12 +375,10 @@ pub fn generate(
         // verify is cheaper than v(k) measures, and its timing would skew the cost model.
         let full_verify = lower_states.len() == k;
         if full_verify {
-            let h = engine.lower(&base.embed(&input.view([1, 1])), &mut cache);
+            let h = engine.embed_lower(&input, &mut cache)?;
             lower_states.push(h);
         }
-        let logits = engine
-            .upper_logits(&Tensor::cat(&lower_states, 1), &mut cache)
-            .squeeze_dim(0); // [k+1, V]
+        let logits = engine.upper_logits(&Hidden::cat(&lower_states), &mut cache)?; // [k+1, V]
         let draft_ids = if k > 0 {
             Tensor::cat(&drafts, 0)
         } else {
@@ -247,10 +422,10 @@ pub fn generate(
             // Committed tokens that neither the head cache nor the backlog covers yet (the last
             // draft when all were accepted, or `pending` in a round without drafts) join the
             // backlog; the head runs them with its next draft step.
-            let backlog_len: i64 = head_backlog.iter().map(|t| t.size()[1]).sum();
+            let backlog_len: i64 = head_backlog.iter().map(|t| t.rows() as i64).sum();
             let covered = (hc.len(0) + backlog_len - committed_before) as usize;
             for h in lower_states.iter().take(1 + a).skip(covered) {
-                head_backlog.push(h.shallow_clone());
+                head_backlog.push(h.share());
             }
         }
         stats.record_round(k, a);
@@ -295,7 +470,7 @@ pub fn generate(
 fn check_invariant(
     cache: &eesd_core::cache::KvCache,
     head_cache: Option<&eesd_core::cache::KvCache>,
-    backlog: &[Tensor],
+    backlog: &[Hidden],
     committed: usize,
 ) {
     let want = committed as i64 - 1;
@@ -307,7 +482,7 @@ fn check_invariant(
         );
     }
     if let Some(hc) = head_cache {
-        let backlog_len: i64 = backlog.iter().map(|t| t.size()[1]).sum();
+        let backlog_len: i64 = backlog.iter().map(|t| t.rows() as i64).sum();
         assert_eq!(hc.len(0) + backlog_len, want, "head cache + backlog");
     }
 }

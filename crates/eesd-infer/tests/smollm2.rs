@@ -37,6 +37,7 @@ fn greedy_equals_transformers_on_the_default_model() {
         sampling: Default::default(),
         eos_ids: p.tokenizer.eos_ids.clone(),
     };
+    let engine = eesd_infer::speculative::Engine::new(&p.model, None);
     let mut n = 0;
     for line in refs.lines() {
         let r: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -51,7 +52,7 @@ fn greedy_equals_transformers_on_the_default_model() {
             prompt_ids, want_prompt,
             "{id}: chat template / tokenizer differ from transformers"
         );
-        let g = generate(&p.model, &prompt_ids, &opts, |_| {}).unwrap();
+        let g = generate(&engine, &prompt_ids, &opts, |_| {}).unwrap();
         assert_eq!(g.ids, want, "{id}: greedy ids differ from transformers");
         n += 1;
     }

@@ -10,7 +10,7 @@ use eesd_core::weights::Weights;
 use eesd_infer::controller::{parse, ThompsonConfig};
 use eesd_infer::cost::CostTracker;
 use eesd_infer::plain::{self, GenerateOptions};
-use eesd_infer::speculative::{generate, Engine, SpecOptions};
+use eesd_infer::speculative::{generate, Engine, Kernels, SpecOptions};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
@@ -32,15 +32,29 @@ fn device() -> Device {
 }
 
 fn load(name: &str) -> Llama {
+    load_as(name, Kind::Float)
+}
+
+fn load_as(name: &str, kind: Kind) -> Llama {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../eesd-core/tests/fixtures")
         .join(name);
     let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    Llama::load(
-        cfg,
-        &Weights::open_dir(&dir, Kind::Float, device()).unwrap(),
-    )
-    .unwrap()
+    Llama::load(cfg, &Weights::open_dir(&dir, kind, device()).unwrap()).unwrap()
+}
+
+/// The kernel paths and dtypes whose verification must equal plain decoding bit for bit:
+/// every dtype on the native CPU kernels; f32 on torch (CPU) or the device's path (CUDA).
+fn exact_paths() -> Vec<(Kernels, Kind)> {
+    if device().is_cuda() {
+        return vec![(Kernels::Torch, Kind::Float)];
+    }
+    vec![
+        (Kernels::Native, Kind::Float),
+        (Kernels::Native, Kind::BFloat16),
+        (Kernels::Native, Kind::Half),
+        (Kernels::Torch, Kind::Float),
+    ]
 }
 
 /// A head for `base`: random (a poor draft) or, at N = L - 1 with a copy of the last layer, an
@@ -86,8 +100,16 @@ fn opts(max_new: usize, sampling: SamplingParams) -> SpecOptions {
 
 #[test]
 fn greedy_equals_plain_for_every_controller_and_head() {
-    for model in ["mha_untied", "gqa_tied_headdim", "llama3_rope"] {
-        let base = load(model);
+    for (kernels, kind) in exact_paths() {
+        for model in ["mha_untied", "gqa_tied_headdim", "llama3_rope"] {
+            greedy_equals_plain(model, kernels, kind);
+        }
+    }
+}
+
+fn greedy_equals_plain(model: &str, kernels: Kernels, kind: Kind) {
+    {
+        let base = load_as(model, kind);
         let l = base.num_layers();
         let top: Vec<u32> = (0..64).collect();
         let heads = [
@@ -99,10 +121,13 @@ fn greedy_equals_plain_for_every_controller_and_head() {
             ),
         ];
         let o = opts(24, SamplingParams::default());
+        let plain_engine = Engine::with_kernels(&base, None, kernels).unwrap();
         for p in prompts(&base, 6) {
-            let want = plain::generate(&base, &p, &o.gen, |_| {}).unwrap().ids;
+            let want = plain::generate(&plain_engine, &p, &o.gen, |_| {})
+                .unwrap()
+                .ids;
             for (hname, h) in &heads {
-                let engine = Engine::new(&base, Some(h));
+                let engine = Engine::with_kernels(&base, Some(h), kernels).unwrap();
                 let mut costs = CostTracker::calibrate(&engine, 6, 16, 2);
                 for name in CONTROLLERS {
                     let mut c = parse(
@@ -114,7 +139,10 @@ fn greedy_equals_plain_for_every_controller_and_head() {
                     )
                     .unwrap();
                     let got = generate(&engine, &p, &o, c.as_mut(), &mut costs, |_| {}).unwrap();
-                    assert_eq!(got.ids, want, "{model}, {hname} head, {name}");
+                    assert_eq!(
+                        got.ids, want,
+                        "{model} {kernels:?} {kind:?}, {hname} head, {name}"
+                    );
                     let s = &got.stats;
                     assert!(s.accepted <= s.drafted && s.rounds <= got.ids.len());
                     if *hname == "perfect" && *name == "fixed:4" && got.ids.len() > 8 {
@@ -136,7 +164,7 @@ fn off_without_a_head_is_plain_decoding() {
     let engine = Engine::new(&base, None);
     let mut costs = CostTracker::new(4);
     for p in prompts(&base, 4) {
-        let want = plain::generate(&base, &p, &o.gen, |_| {}).unwrap().ids;
+        let want = plain::generate(&engine, &p, &o.gen, |_| {}).unwrap().ids;
         let mut c = parse("thompson", &ThompsonConfig::default()).unwrap();
         let got = generate(&engine, &p, &o, c.as_mut(), &mut costs, |_| {}).unwrap();
         assert_eq!(got.ids, want);

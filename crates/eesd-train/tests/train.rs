@@ -167,7 +167,7 @@ fn gen_distill_and_the_head_loads_in_the_decoder() {
         check_invariants: true,
     };
     for r in rows.iter().take(4) {
-        let want = eesd_infer::plain::generate(&p.model, &r.prompt_ids, &gen_opts, |_| {})
+        let want = eesd_infer::plain::generate(&engine, &r.prompt_ids, &gen_opts, |_| {})
             .unwrap()
             .ids;
         let mut c = eesd_infer::controller::parse("fixed:3", &Default::default()).unwrap();

@@ -1,0 +1,565 @@
+//! The CPU decode path: LLaMA layers run by our own kernels on a few rows at a time.
+//!
+//! Why it exists (issues 7 and 8): torch's CPU kernels give a row different bits when it is
+//! computed with other rows (so speculative verification drifted from plain decoding in bf16),
+//! multi-row products cost up to 2x a single row in f32, and per-op dispatch costs milliseconds
+//! per token on a small model. Here every per-row result is defined by one fixed order of
+//! IEEE operations ([`matmul`], [`simd`]), whatever the number of rows, so verifying k+1
+//! positions gives each position exactly the bits of a plain single-token step: EESD is
+//! lossless by construction in f32, bf16 and f16. The weights are streamed once per pass for
+//! all rows, so verification costs little more than one step.
+//!
+//! It works on the model's own tensors (no copies): weights are read in place (f32, bf16 or
+//! f16, widened in registers), the KV cache is the same [`KvCache`] the torch path fills
+//! (prefill stays in torch, whose GEMMs are fast on long prompts), and activations are f32.
+//! Only batch 1 (one sequence, T rows = T positions) and CPU tensors are handled; CUDA and
+//! training keep the torch path.
+
+pub mod matmul;
+pub mod pool;
+pub mod simd;
+
+use crate::cache::{KvCache, LayerCache};
+use crate::config::{LlamaConfig, RopeScaling};
+use crate::error::{Error, Result};
+use crate::head::EarlyExitHead;
+use crate::model::{DecoderLayer, Llama, RmsNorm};
+use matmul::{matmul, Isa, WKind, WeightView};
+use pool::Pool;
+use std::ops::Range;
+use tch::{Device, Kind, Tensor};
+
+fn wkind(kind: Kind) -> Result<WKind> {
+    match kind {
+        Kind::Float => Ok(WKind::F32),
+        Kind::BFloat16 => Ok(WKind::Bf16),
+        Kind::Half => Ok(WKind::F16),
+        k => Err(Error::Input(format!(
+            "the native CPU path runs f32, bf16 or f16 weights, not {k:?}"
+        ))),
+    }
+}
+
+/// A weight matrix `[n, k]` read in place; holds its tensor so the memory stays alive.
+pub struct Linear {
+    view: WeightView,
+    _owner: Tensor,
+}
+
+impl Linear {
+    pub fn new(t: &Tensor) -> Result<Self> {
+        if t.device() != Device::Cpu {
+            return Err(Error::Input("the native path needs CPU tensors".into()));
+        }
+        let (n, k) = t.size2().map_err(Error::from)?;
+        let owner = t.detach().contiguous();
+        let kind = wkind(owner.kind())?;
+        // SAFETY: `owner` is a contiguous CPU tensor of n * k elements of `kind`, kept alive
+        // (and never written: the native path only reads weights) as long as this Linear.
+        let view =
+            unsafe { WeightView::new(owner.data_ptr() as *const u8, kind, n as usize, k as usize) };
+        Ok(Linear {
+            view,
+            _owner: owner,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.view.n
+    }
+
+    /// `y [m, n] = x [m, k] W^T`.
+    pub fn forward(&self, ctx: &Ctx, x: &[f32], m: usize, y: &mut [f32]) {
+        matmul(ctx.pool, ctx.isa, x, m, &self.view, y);
+    }
+
+    /// Row `j` widened to f32 (embedding lookups).
+    pub fn row(&self, j: usize, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = self.view.get(j, i);
+        }
+    }
+}
+
+/// Where the kernels run.
+#[derive(Clone, Copy)]
+pub struct Ctx {
+    pub pool: &'static Pool,
+    pub isa: Isa,
+}
+
+impl Ctx {
+    pub fn detect() -> Self {
+        Ctx {
+            pool: pool::global(),
+            isa: Isa::detect(),
+        }
+    }
+}
+
+fn norm_weights(n: &RmsNorm) -> Vec<f32> {
+    Vec::<f32>::try_from(
+        n.weight
+            .detach()
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu),
+    )
+    .expect("norm weight to host")
+}
+
+/// RMSNorm of each row of `x` `[m, h]` into `out`, all in f32 (sum of squares in order).
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    for (row, o) in x.chunks(h).zip(out.chunks_mut(h)) {
+        let ss: f32 = row.iter().fold(0.0, |a, v| v.mul_add(*v, a));
+        let inv = 1.0 / (ss / h as f32 + eps).sqrt();
+        for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+}
+
+/// Rotary tables in f32, `[positions, head_dim / 2]`, computed in f64.
+pub struct RopeF32 {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeF32 {
+    pub fn new(cfg: &LlamaConfig) -> Self {
+        let inv = crate::rope::inv_freq(cfg);
+        let half = inv.len();
+        let scale = match cfg.rope_scaling {
+            RopeScaling::Linear { factor } => 1.0 / factor,
+            _ => 1.0,
+        };
+        let p = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(p * half);
+        let mut sin = Vec::with_capacity(p * half);
+        for pos in 0..p {
+            for f in &inv {
+                let a = pos as f64 * scale * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        RopeF32 { cos, sin, half }
+    }
+
+    /// Rotates one head vector (rotate-half layout) at `pos` in place.
+    fn apply(&self, x: &mut [f32], pos: usize) {
+        let h = self.half;
+        let (c, s) = (&self.cos[pos * h..][..h], &self.sin[pos * h..][..h]);
+        for d in 0..h {
+            let (x1, x2) = (x[d], x[d + h]);
+            x[d] = x1 * c[d] - x2 * s[d];
+            x[d + h] = x2 * c[d] + x1 * s[d];
+        }
+    }
+}
+
+/// One decoder layer over borrowed weights.
+pub struct Layer {
+    in_norm: Vec<f32>,
+    qkv: Linear,
+    o: Linear,
+    post_norm: Vec<f32>,
+    gate_up: Linear,
+    down: Linear,
+}
+
+impl Layer {
+    pub fn new(l: &DecoderLayer) -> Result<Self> {
+        Ok(Layer {
+            in_norm: norm_weights(&l.input_layernorm),
+            qkv: Linear::new(&l.self_attn.qkv_proj)?,
+            o: Linear::new(&l.self_attn.o_proj)?,
+            post_norm: norm_weights(&l.post_attention_layernorm),
+            gate_up: Linear::new(&l.mlp.gate_up_proj)?,
+            down: Linear::new(&l.mlp.down_proj)?,
+        })
+    }
+}
+
+/// Shapes shared by every layer of a model (and its head).
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f32,
+}
+
+impl Dims {
+    pub fn of(cfg: &LlamaConfig) -> Self {
+        Dims {
+            hidden: cfg.hidden_size,
+            intermediate: cfg.intermediate_size,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.rms_norm_eps as f32,
+        }
+    }
+}
+
+/// Raw view of one layer's KV cache: `[kv_heads, capacity, head_dim]` (batch 1).
+struct CacheView {
+    k: *mut u8,
+    v: *mut u8,
+    kind: WKind,
+    capacity: usize,
+}
+
+unsafe impl Send for CacheView {}
+unsafe impl Sync for CacheView {}
+
+impl CacheView {
+    fn of(c: &mut LayerCache) -> Result<Self> {
+        let size = c.k.size();
+        if size[0] != 1 || c.k.device() != Device::Cpu || !c.k.is_contiguous() {
+            return Err(Error::Input(
+                "the native path needs a batch-1 contiguous CPU cache".into(),
+            ));
+        }
+        Ok(CacheView {
+            k: c.k.data_ptr() as *mut u8,
+            v: c.v.data_ptr() as *mut u8,
+            kind: wkind(c.k.kind())?,
+            capacity: size[2] as usize,
+        })
+    }
+
+    fn row(&self, base: *mut u8, g: usize, pos: usize, hd: usize) -> *mut u8 {
+        // SAFETY: callers keep g < kv_heads and pos < capacity.
+        unsafe { base.add(((g * self.capacity + pos) * hd) * self.kind.bytes()) }
+    }
+}
+
+/// Causal attention of `t` query rows at positions `offset..offset + t` over the cache's
+/// first `offset + t` positions. `q` `[t, heads * hd]` (rotated), out `[t, heads * hd]`.
+/// Each (row, head) is computed on its own, in a fixed order: scores by the matmul kernel,
+/// max, exponentials and their sum, then the value rows accumulated in position order.
+fn attention(
+    ctx: &Ctx,
+    d: &Dims,
+    q: &[f32],
+    t: usize,
+    offset: usize,
+    cv: &CacheView,
+    out: &mut [f32],
+) {
+    let (nh, hd) = (d.heads, d.head_dim);
+    let group = nh / d.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let tasks = t * nh;
+    let outp = SendPtr(out.as_mut_ptr());
+    let threads = ctx.pool.threads().min(tasks);
+    let job = |tid: usize| {
+        if tid >= threads {
+            return;
+        }
+        let mut scores = vec![0f32; offset + t];
+        for task in pool::split(tasks, threads, 1, tid) {
+            let (i, h) = (task / nh, task % nh);
+            let g = h / group;
+            let len = offset + i + 1;
+            // SAFETY: rows 0..len of kv head g are inside the cache (len <= capacity) and
+            // were written before this call; the view is read-only here.
+            let keys = unsafe { WeightView::new(cv.row(cv.k, g, 0, hd), cv.kind, len, hd) };
+            let qrow = &q[(i * nh + h) * hd..][..hd];
+            matmul::matmul_single(ctx.isa, qrow, 1, &keys, &mut scores[..len]);
+            let s = &mut scores[..len];
+            let mut max = f32::NEG_INFINITY;
+            for v in s.iter_mut() {
+                *v *= scale;
+                max = max.max(*v);
+            }
+            let sum = simd::exp_sum(ctx.isa, s, max);
+            // SAFETY: each task owns its [hd] slice of `out`.
+            let o = unsafe { std::slice::from_raw_parts_mut(outp.at((i * nh + h) * hd), hd) };
+            o.fill(0.0);
+            for (j, &p) in s.iter().enumerate() {
+                unsafe { simd::axpy(ctx.isa, o, p, cv.row(cv.v, g, j, hd), cv.kind) };
+            }
+            let inv = 1.0 / sum;
+            for v in o.iter_mut() {
+                *v *= inv;
+            }
+        }
+    };
+    if threads <= 1 {
+        job(0);
+    } else {
+        ctx.pool.run(&job);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method, so closures capture the wrapper (Send + Sync), not the raw field.
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer the pointer came from.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// A stack of layers and the shapes to run them.
+pub struct Stack {
+    pub layers: Vec<Layer>,
+    pub dims: Dims,
+}
+
+impl Stack {
+    pub fn new(layers: &[DecoderLayer], cfg: &LlamaConfig) -> Result<Self> {
+        Ok(Stack {
+            layers: layers.iter().map(Layer::new).collect::<Result<_>>()?,
+            dims: Dims::of(cfg),
+        })
+    }
+
+    /// Runs layers `range` over `x` `[t, hidden]` in place, layer `i` of the range using
+    /// cache layer `cache_start + (i - range.start)`; those cache layers must share one length
+    /// and grow by `t`.
+    pub fn forward(
+        &self,
+        ctx: &Ctx,
+        rope: &RopeF32,
+        x: &mut [f32],
+        t: usize,
+        range: Range<usize>,
+        cache: &mut KvCache,
+        cache_start: usize,
+    ) -> Result<()> {
+        let d = self.dims;
+        let (h, nh, nkv, hd) = (d.hidden, d.heads, d.kv_heads, d.head_dim);
+        let qkv_w = (nh + 2 * nkv) * hd;
+        let mut xn = vec![0f32; t * h];
+        let mut qkv = vec![0f32; t * qkv_w];
+        let mut q = vec![0f32; t * nh * hd];
+        let mut attn = vec![0f32; t * nh * hd];
+        let mut proj = vec![0f32; t * h];
+        let mut gu = vec![0f32; t * 2 * d.intermediate];
+        let mut act = vec![0f32; t * d.intermediate];
+        for (j, layer) in self.layers[range].iter().enumerate() {
+            let lc = &mut cache.layers[cache_start + j];
+            let offset = lc.len as usize;
+            let cv = CacheView::of(lc)?;
+            if offset + t > cv.capacity {
+                return Err(Error::Input(format!(
+                    "KV cache overflow: {offset} + {t} > {}",
+                    cv.capacity
+                )));
+            }
+            // Attention block.
+            rms_norm(x, &layer.in_norm, d.eps, &mut xn);
+            layer.qkv.forward(ctx, &xn, t, &mut qkv);
+            for i in 0..t {
+                let row = &mut qkv[i * qkv_w..(i + 1) * qkv_w];
+                for head in 0..nh + nkv {
+                    rope.apply(&mut row[head * hd..(head + 1) * hd], offset + i);
+                }
+                q[i * nh * hd..(i + 1) * nh * hd].copy_from_slice(&row[..nh * hd]);
+                for g in 0..nkv {
+                    let k = &row[(nh + g) * hd..][..hd];
+                    let v = &row[(nh + nkv + g) * hd..][..hd];
+                    // SAFETY: offset + i < capacity (checked above).
+                    unsafe {
+                        simd::store(cv.row(cv.k, g, offset + i, hd), cv.kind, k);
+                        simd::store(cv.row(cv.v, g, offset + i, hd), cv.kind, v);
+                    }
+                }
+            }
+            attention(ctx, &d, &q, t, offset, &cv, &mut attn);
+            layer.o.forward(ctx, &attn, t, &mut proj);
+            for (a, b) in x.iter_mut().zip(&proj) {
+                *a += b;
+            }
+            // Feed-forward block.
+            rms_norm(x, &layer.post_norm, d.eps, &mut xn);
+            layer.gate_up.forward(ctx, &xn, t, &mut gu);
+            let i_sz = d.intermediate;
+            for r in 0..t {
+                let row = &gu[r * 2 * i_sz..(r + 1) * 2 * i_sz];
+                simd::silu_mul(
+                    ctx.isa,
+                    &row[..i_sz],
+                    &row[i_sz..],
+                    &mut act[r * i_sz..(r + 1) * i_sz],
+                );
+            }
+            layer.down.forward(ctx, &act, t, &mut proj);
+            for (a, b) in x.iter_mut().zip(&proj) {
+                *a += b;
+            }
+            lc.len = (offset + t) as i64;
+        }
+        Ok(())
+    }
+}
+
+/// Final norm + LM head: `x` `[t, hidden]` -> logits `[t, out]`.
+pub struct OutputHead {
+    norm: Vec<f32>,
+    eps: f32,
+    pub lm_head: Linear,
+}
+
+impl OutputHead {
+    pub fn new(norm: &RmsNorm, lm_head: &Tensor) -> Result<Self> {
+        Ok(OutputHead {
+            norm: norm_weights(norm),
+            eps: norm.eps as f32,
+            lm_head: Linear::new(lm_head)?,
+        })
+    }
+
+    pub fn logits(&self, ctx: &Ctx, x: &[f32], t: usize) -> Vec<f32> {
+        let mut xn = vec![0f32; x.len()];
+        rms_norm(x, &self.norm, self.eps, &mut xn);
+        let mut out = vec![0f32; t * self.lm_head.out_features()];
+        self.lm_head.forward(ctx, &xn, t, &mut out);
+        out
+    }
+}
+
+/// The base model on the native path.
+pub struct NativeModel {
+    pub ctx: Ctx,
+    pub stack: Stack,
+    pub rope: RopeF32,
+    embed: Linear,
+    pub output: OutputHead,
+}
+
+impl NativeModel {
+    /// Views over `model`'s tensors (which must outlive it; `Llama` is never mutated after
+    /// loading). Fails for CUDA models or unsupported dtypes.
+    pub fn new(model: &Llama) -> Result<Self> {
+        Ok(NativeModel {
+            ctx: Ctx::detect(),
+            stack: Stack::new(&model.layers, &model.cfg)?,
+            rope: RopeF32::new(&model.cfg),
+            embed: Linear::new(&model.embed_tokens)?,
+            output: OutputHead::new(&model.norm, &model.lm_head)?,
+        })
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.stack.dims.hidden
+    }
+
+    /// Token ids -> embeddings `[t, hidden]` in f32.
+    pub fn embed(&self, ids: &[u32]) -> Vec<f32> {
+        let h = self.hidden();
+        let mut out = vec![0f32; ids.len() * h];
+        for (i, &id) in ids.iter().enumerate() {
+            self.embed.row(id as usize, &mut out[i * h..(i + 1) * h]);
+        }
+        out
+    }
+
+    /// Base layers `range` over `x` `[t, hidden]`, using the same cache layers.
+    pub fn forward_layers(
+        &self,
+        x: &mut [f32],
+        t: usize,
+        range: Range<usize>,
+        cache: &mut KvCache,
+    ) -> Result<()> {
+        let start = range.start;
+        self.stack
+            .forward(&self.ctx, &self.rope, x, t, range, cache, start)
+    }
+
+    pub fn logits(&self, x: &[f32], t: usize) -> Vec<f32> {
+        self.output.logits(&self.ctx, x, t)
+    }
+}
+
+/// An early-exit head on the native path (its layers use the head's own cache).
+pub struct NativeHead {
+    pub stack: Stack,
+    pub output: OutputHead,
+}
+
+impl NativeHead {
+    pub fn new(head: &EarlyExitHead, base: &Llama) -> Result<Self> {
+        Ok(NativeHead {
+            stack: Stack::new(&head.layers, &base.cfg)?,
+            output: OutputHead::new(&head.norm, head.lm_head_weight())?,
+        })
+    }
+
+    /// Layer-N states `[t, hidden]` through the head; returns the draft logits `[V_d]` of the
+    /// last row only (the earlier rows only fill the head's cache).
+    pub fn forward_last(
+        &self,
+        model: &NativeModel,
+        x: &mut [f32],
+        t: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let n = self.stack.layers.len();
+        self.stack
+            .forward(&model.ctx, &model.rope, x, t, 0..n, cache, 0)?;
+        let h = self.stack.dims.hidden;
+        Ok(self.output.logits(&model.ctx, &x[(t - 1) * h..], 1))
+    }
+}
+
+/// Index of the largest value (the first one on ties, as torch's argmax).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Bytes per second that `threads` threads reach reading a buffer far larger than the caches
+/// (a plain streaming read, independent of our kernels): the memory floor of decoding.
+pub fn stream_read_bandwidth(pool: &Pool, bytes: usize, reps: usize) -> f64 {
+    let words = bytes / 8;
+    let buf: Vec<u64> = (0..words as u64)
+        .map(|i| i.wrapping_mul(0x9E37_79B9))
+        .collect();
+    let parts = pool.threads();
+    let sink = std::sync::atomic::AtomicU64::new(0);
+    let pass = || {
+        pool.run(&|tid| {
+            let r = pool::split(words, parts, 64, tid);
+            // Eight independent lanes so the loop vectorises and is not latency-bound.
+            let mut acc = [0u64; 8];
+            for chunk in buf[r].chunks_exact(8) {
+                for (a, v) in acc.iter_mut().zip(chunk) {
+                    *a ^= v;
+                }
+            }
+            sink.fetch_xor(
+                acc.iter().fold(0, |a, b| a ^ b),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        })
+    };
+    pass();
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            pass();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    std::hint::black_box(sink.load(std::sync::atomic::Ordering::Relaxed));
+    (words * 8) as f64 / times[times.len() / 2]
+}
