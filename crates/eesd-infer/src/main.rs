@@ -458,7 +458,14 @@ fn bench_decode(a: BenchArgs) -> Result<()> {
         eprintln!("[{}] {:.2} tok/s", prompt.id, g.stats.decode_tokens_per_s());
     }
     let kind = p.model.kind;
-    let bandwidth = eesd_infer::bench::matvec_bandwidth(p.model.device, kind, 8192, 20);
+    // The floor: a plain streaming read on CPU (not any product kernel, whose own speed is what
+    // is measured); on CUDA a large matrix-vector product.
+    let bandwidth = if p.model.device == tch::Device::Cpu {
+        let pool = eesd_core::native::pool::global();
+        eesd_core::native::stream_read_bandwidth(pool, 1 << 30, 5)
+    } else {
+        eesd_infer::bench::matvec_bandwidth(p.model.device, kind, 8192, 20)
+    };
     let bytes_per_token =
         p.model.cfg.weight_params_per_token() as f64 * kind.elt_size_in_bytes() as f64;
     let floor = bandwidth / bytes_per_token;
@@ -469,6 +476,7 @@ fn bench_decode(a: BenchArgs) -> Result<()> {
         "bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_token": bytes_per_token,
         "floor_tokens_per_s": floor, "fraction_of_floor": ours / floor,
         "threads": tch::get_num_threads(), "device": format!("{:?}", p.model.device), "dtype": format!("{kind:?}"),
+        "kernels": format!("{:?}", engine.kernels()),
     });
     eprintln!(
         "plain decode {ours:.2} tok/s; bandwidth {:.1} GB/s -> floor {floor:.2} tok/s ({:.0}% of floor)",

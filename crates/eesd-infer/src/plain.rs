@@ -97,6 +97,7 @@ pub fn generate(
     stats.prefill_seconds = t0.elapsed().as_secs_f64();
 
     // Decode: one token in, one token out, until EOS, the limit or a full context.
+    let _threads = engine.decode_threads();
     let t1 = Instant::now();
     let stop = loop {
         ids.push(token);

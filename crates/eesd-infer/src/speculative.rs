@@ -102,6 +102,15 @@ impl Hidden {
     }
 }
 
+/// Restores torch's thread count when dropped (see [`Engine::decode_threads`]).
+pub struct TorchThreads(i32);
+
+impl Drop for TorchThreads {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
+}
+
 struct NativeParts {
     model: NativeModel,
     head: Option<NativeHead>,
@@ -143,6 +152,17 @@ impl<'a> Engine<'a> {
             exit_layer,
             native,
         })
+    }
+
+    /// For the decode loop: on the native path torch runs single-threaded until the guard
+    /// drops. The loop's few torch ops (argmax, sampling) would otherwise wake torch's OpenMP
+    /// threads, which then spin on the cores our kernels' threads need.
+    pub fn decode_threads(&self) -> TorchThreads {
+        let before = tch::get_num_threads();
+        if self.native.is_some() {
+            tch::set_num_threads(1);
+        }
+        TorchThreads(before)
     }
 
     pub fn kernels(&self) -> Kernels {
@@ -289,6 +309,7 @@ pub fn generate(
     let mut head_backlog: Vec<Hidden> = Vec::new();
     stats.prefill_seconds = t0.elapsed().as_secs_f64();
 
+    let _threads = engine.decode_threads();
     let t_decode = Instant::now();
     let mut round: u64 = 0;
     let stop = loop {

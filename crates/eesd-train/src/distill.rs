@@ -45,7 +45,7 @@ pub struct DistillArgs {
     pub model: String,
     #[arg(long)]
     pub device: Option<String>,
-    /// Base dtype [default: bf16 on cuda, f32 on cpu]; the head always trains in f32 on CPU
+    /// Base dtype [default: bf16]; the head always trains in f32 on CPU
     /// and in the base dtype's device otherwise.
     #[arg(long)]
     pub dtype: Option<String>,
@@ -460,7 +460,7 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
         (head, TrainerState::default())
     };
     head.spec.training = serde_json::to_value(a)?;
-    // The head trains in f32 whatever the base dtype; on CPU the base is f32 too.
+    // The head trains in f32 whatever the base dtype.
     for t in head.trainable_mut() {
         *t = t.detach().to_kind(Kind::Float).set_requires_grad(true);
     }

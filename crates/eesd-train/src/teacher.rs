@@ -22,7 +22,7 @@ pub struct GenArgs {
     /// cpu, cuda or cuda:N [default: cuda when available]
     #[arg(long)]
     pub device: Option<String>,
-    /// f32, f16 or bf16 [default: bf16 on cuda, f32 on cpu]
+    /// f32, f16 or bf16 [default: bf16]
     #[arg(long)]
     pub dtype: Option<String>,
     /// Prompt corpora: parquet files, folders or globs (repeat the flag for several).

@@ -40,10 +40,12 @@ fn wkind(kind: Kind) -> Result<WKind> {
     }
 }
 
-/// A weight matrix `[n, k]` read in place; holds its tensor so the memory stays alive.
+/// A weight matrix `[n, k]` read in place; holds its tensor so the memory stays alive (and,
+/// for bf16 on AMX CPUs, a tile-ordered copy).
 pub struct Linear {
     view: WeightView,
     _owner: Tensor,
+    _packed: Option<matmul::AmxPacked>,
 }
 
 impl Linear {
@@ -56,11 +58,18 @@ impl Linear {
         let kind = wkind(owner.kind())?;
         // SAFETY: `owner` is a contiguous CPU tensor of n * k elements of `kind`, kept alive
         // (and never written: the native path only reads weights) as long as this Linear.
-        let view =
+        let mut view =
             unsafe { WeightView::new(owner.data_ptr() as *const u8, kind, n as usize, k as usize) };
+        let packed = (kind == WKind::Bf16 && Isa::detect() == Isa::Amx && n >= 16)
+            .then(|| matmul::AmxPacked::new(&view));
+        if let Some(p) = &packed {
+            // SAFETY: `p` packs these weights and is owned by this Linear with the view.
+            view = unsafe { view.with_packed(p) };
+        }
         Ok(Linear {
             view,
             _owner: owner,
+            _packed: packed,
         })
     }
 

@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before it parks.
 const SPIN_BEFORE_PARK: Duration = Duration::from_millis(2);
+/// How long any wait spins hard before it starts yielding the core: on a machine with more
+/// runnable threads than cores, a thread that only spins keeps the one it waits for off the
+/// CPU, and a decode step then takes milliseconds instead of microseconds.
+const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(50);
 
 type Job = dyn Fn(usize) + Sync;
 
@@ -93,8 +97,15 @@ impl Pool {
             }
         }
         f(0);
+        let t0 = Instant::now();
+        let mut spins = 0u32;
         while self.shared.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins % 256 == 0 && t0.elapsed() > SPIN_BEFORE_YIELD {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
@@ -112,14 +123,19 @@ fn worker(s: Arc<Shared>, tid: usize) {
                 break e;
             }
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 && t0.elapsed() > SPIN_BEFORE_PARK {
+            if spins % 256 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let idle = t0.elapsed();
+            if idle > SPIN_BEFORE_PARK {
                 s.sleeping[tid - 1].store(true, Ordering::SeqCst);
                 if s.epoch.load(Ordering::SeqCst) == seen && !s.stop.load(Ordering::SeqCst) {
                     std::thread::park_timeout(Duration::from_millis(50));
                 }
                 s.sleeping[tid - 1].store(false, Ordering::SeqCst);
-            } else {
-                std::hint::spin_loop();
+            } else if idle > SPIN_BEFORE_YIELD {
+                std::thread::yield_now();
             }
         };
         if s.stop.load(Ordering::Relaxed) {

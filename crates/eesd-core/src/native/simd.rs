@@ -43,7 +43,7 @@ pub fn exp_sum(isa: Isa, xs: &mut [f32], sub: f32) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` was detected as available.
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::exp_sum_512(xs, sub) },
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::exp_sum_512(xs, sub) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::exp_sum_256(xs, sub) },
         _ => exp_sum_scalar(xs, sub),
@@ -68,7 +68,7 @@ pub fn silu_mul(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` was detected as available; lengths checked above.
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::silu_mul_512(gate, up, out) },
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::silu_mul_512(gate, up, out) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::silu_mul_256(gate, up, out) },
         _ => {
@@ -92,7 +92,9 @@ fn silu_ref(g: f32) -> f32 {
 pub unsafe fn axpy(isa: Isa, acc: &mut [f32], a: f32, v: *const u8, kind: WKind) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 if acc.len() % 16 == 0 => x86::axpy_512(acc, a, v, kind),
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx if acc.len() % 16 == 0 => {
+            x86::axpy_512(acc, a, v, kind)
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if acc.len() % 16 == 0 => x86::axpy_256(acc, a, v, kind),
         _ => {
@@ -343,10 +345,16 @@ mod tests {
     use super::*;
 
     fn isas() -> Vec<Isa> {
-        [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Scalar]
-            .into_iter()
-            .filter(|i| i.available())
-            .collect()
+        [
+            Isa::Amx,
+            Isa::Avx512Bf16,
+            Isa::Avx512,
+            Isa::Avx2,
+            Isa::Scalar,
+        ]
+        .into_iter()
+        .filter(|i| i.available())
+        .collect()
     }
 
     #[test]
