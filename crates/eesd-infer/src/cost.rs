@@ -73,6 +73,8 @@ impl CostTracker {
             .prefill(&ids, &mut cache, head_cache.as_mut())
             .expect("calibration prefill");
         let one = Tensor::from_slice(&[ids[0] as i64]).to_device(dev);
+        // Timed the way the decode loop runs (torch single-threaded on the native path).
+        let _threads = engine.decode_threads();
         let time = |f: &mut dyn FnMut()| {
             f(); // warm-up
             synchronize(dev);

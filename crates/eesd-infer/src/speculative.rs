@@ -226,8 +226,7 @@ impl<'a> Engine<'a> {
             (Hidden::Native { data, rows }, Some(n)) => {
                 let mut x = data.clone();
                 n.model.forward_layers(&mut x, *rows, range, cache)?;
-                let logits = n.model.logits(&x, *rows);
-                Ok(Tensor::from_slice(&logits).view([*rows as i64, -1]))
+                Ok(n.model.logits(&x, *rows))
             }
             _ => Err(Error::Input("hidden states of another engine".into())),
         }
@@ -244,8 +243,7 @@ impl<'a> Engine<'a> {
             (Hidden::Native { data, rows }, Some(n)) => {
                 let nh = n.head.as_ref().expect("native head built with the engine");
                 let mut x = data.clone();
-                let logits = nh.forward_last(&n.model, &mut x, *rows, head_cache)?;
-                Ok(Tensor::from_slice(&logits).unsqueeze(0))
+                nh.forward_last(&n.model, &mut x, *rows, head_cache)
             }
             _ => Err(Error::Input("hidden states of another engine".into())),
         }

@@ -1,11 +1,12 @@
 //! `eesd-train distill`: train the early-exit head by self-distillation (EESD.md section 1).
 //!
 //! The base is frozen: its tensors are never given to the optimiser, layers `[0, N)` and the
-//! teacher's forward pass run without autograd. Per example (prompt + the base's own answer):
-//! one teacher-forced pass of the base gives the layer-N states and the teacher's logits; the
-//! head runs on the layer-N states; the loss is forward KL from teacher to head at temperature
-//! T (times T^2) plus a weighted cross-entropy on the teacher's tokens, both on response
-//! positions only.
+//! teacher's forward pass run without autograd. Per example (prompt + an answer: the base's own,
+//! or a fixed corpus's): one teacher-forced pass of the base gives the layer-N states and the
+//! teacher's logits; the head runs on the layer-N states; the loss is forward KL from teacher to
+//! head at temperature T (times T^2) plus a weighted cross-entropy on the teacher's argmax
+//! (the token greedy verification accepts; for the base's own greedy answers it is the answer
+//! itself), both on response positions only.
 
 use crate::adamw::{clip_grad_norm, lr_at, AdamW};
 use anyhow::{bail, Context, Result};
@@ -545,7 +546,8 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
             };
             let (h, t_logits) = teacher(base, a.exit_layer, &ex);
             let s_logits = student(base, &head, &h, &ex);
-            let (t_logits, targets) = to_draft_space(&t_logits, &ex.targets, &draft_map);
+            let greedy = t_logits.argmax(-1, false);
+            let (t_logits, targets) = to_draft_space(&t_logits, &greedy, &draft_map);
             let l = loss(a, &s_logits.to_kind(Kind::Float), &t_logits, &targets);
             if !(l.kl.is_finite() && l.ce.is_finite()) {
                 bar.abandon();

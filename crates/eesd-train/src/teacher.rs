@@ -1,6 +1,11 @@
 //! `eesd-train gen`: the frozen base model answers corpus prompts; its answers are the
 //! distillation targets. Written in parquet parts of `--chunk` rows, each atomically, so a
 //! killed run loses at most the part in flight and a re-run skips the ids already done.
+//!
+//! With `--reference-column` nothing is generated: the corpus's own answers (e.g. ShareGPT's
+//! reference replies) become the responses, EAGLE's fixed-corpus mode. Distillation then learns
+//! the base's own distribution at every position of that text (the targets come from the
+//! base's forward pass, never from the text), at the cost of tokenising alone.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -31,6 +36,10 @@ pub struct GenArgs {
     /// The column holding the prompt text.
     #[arg(long, default_value = "prompt")]
     pub prompt_column: String,
+    /// Take each response from this column instead of generating it (fixed-corpus mode; the
+    /// text is tokenised and cut at --max-new-tokens).
+    #[arg(long)]
+    pub reference_column: Option<String>,
     /// Output folder of parquet parts (created; re-running resumes).
     #[arg(long)]
     pub out: PathBuf,
@@ -63,8 +72,14 @@ pub fn run(a: &GenArgs) -> Result<()> {
     let device = parse_device(a.device.as_deref())?;
     let kind = parse_dtype(a.dtype.as_deref(), device)?;
     let mut sources = Vec::new();
+    let mut references: std::collections::HashMap<String, String> = Default::default();
     for spec in &a.data {
         sources.push(corpus::read_prompts(spec, &a.prompt_column)?);
+        if let Some(col) = &a.reference_column {
+            for r in corpus::read_prompts(spec, col)? {
+                references.insert(r.id, r.prompt);
+            }
+        }
     }
     let p =
         Pretrained::load(&a.model, device, kind).with_context(|| format!("loading {}", a.model))?;
@@ -98,6 +113,11 @@ pub fn run(a: &GenArgs) -> Result<()> {
             if ids.len() > a.max_prompt_tokens || ids.is_empty() {
                 continue;
             }
+            if a.reference_column.is_some()
+                && references.get(&row.id).is_none_or(|r| r.trim().is_empty())
+            {
+                continue; // fixed-corpus mode: rows without a reference answer are skipped
+            }
             todo.push((row, ids));
             taken += 1;
         }
@@ -125,7 +145,17 @@ pub fn run(a: &GenArgs) -> Result<()> {
         let mut rows = Vec::with_capacity(chunk.len());
         for batch in chunk.chunks(a.batch_size.max(1)) {
             let ids: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-            let outs = generate_batch(&p.model, &ids, &opts)?;
+            let outs = match &a.reference_column {
+                None => generate_batch(&p.model, &ids, &opts)?,
+                Some(_) => batch
+                    .iter()
+                    .map(|(row, _)| {
+                        let mut r = p.tokenizer.encode(&references[&row.id], false)?;
+                        r.truncate(a.max_new_tokens);
+                        Ok(r)
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            };
             for ((row, prompt_ids), response_ids) in batch.iter().zip(outs) {
                 tokens += response_ids.len();
                 rows.push(TeacherRow {

@@ -430,11 +430,16 @@ impl OutputHead {
         })
     }
 
-    pub fn logits(&self, ctx: &Ctx, x: &[f32], t: usize) -> Vec<f32> {
+    /// Logits of `x` `[t, hidden]` as a `[t, out]` f32 tensor, written in place by the kernel
+    /// (no copy of the few MB of logits a verify produces).
+    pub fn logits(&self, ctx: &Ctx, x: &[f32], t: usize) -> Tensor {
         let mut xn = vec![0f32; x.len()];
         rms_norm(x, &self.norm, self.eps, &mut xn);
-        let mut out = vec![0f32; t * self.lm_head.out_features()];
-        self.lm_head.forward(ctx, &xn, t, &mut out);
+        let v = self.lm_head.out_features();
+        let out = Tensor::empty([t as i64, v as i64], (Kind::Float, Device::Cpu));
+        // SAFETY: a fresh contiguous f32 CPU tensor of t * v elements, written only here.
+        let buf = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, t * v) };
+        self.lm_head.forward(ctx, &xn, t, buf);
         out
     }
 }
@@ -488,7 +493,8 @@ impl NativeModel {
             .forward(&self.ctx, &self.rope, x, t, range, cache, start)
     }
 
-    pub fn logits(&self, x: &[f32], t: usize) -> Vec<f32> {
+    /// Final norm + LM head: logits `[t, V]` (f32).
+    pub fn logits(&self, x: &[f32], t: usize) -> Tensor {
         self.output.logits(&self.ctx, x, t)
     }
 }
@@ -507,15 +513,15 @@ impl NativeHead {
         })
     }
 
-    /// Layer-N states `[t, hidden]` through the head; returns the draft logits `[V_d]` of the
-    /// last row only (the earlier rows only fill the head's cache).
+    /// Layer-N states `[t, hidden]` through the head; returns the draft logits `[1, V_d]` of
+    /// the last row only (the earlier rows only fill the head's cache).
     pub fn forward_last(
         &self,
         model: &NativeModel,
         x: &mut [f32],
         t: usize,
         cache: &mut KvCache,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Tensor> {
         let n = self.stack.layers.len();
         self.stack
             .forward(&model.ctx, &model.rope, x, t, 0..n, cache, 0)?;
