@@ -14,6 +14,9 @@ pub struct LayerCache {
     pub k: Tensor,
     pub v: Tensor,
     pub len: i64,
+    /// Attend over every preallocated position (masked) instead of the first `len`: see
+    /// [`KvCache::set_static_shapes`].
+    pub attend_all: bool,
 }
 
 pub struct KvCache {
@@ -50,6 +53,7 @@ impl KvCache {
                 k: Tensor::zeros(shape, (kind, device)),
                 v: Tensor::zeros(shape, (kind, device)),
                 len: 0,
+                attend_all: false,
             })
             .collect();
         KvCache {
@@ -96,6 +100,28 @@ impl KvCache {
         }
     }
 
+    /// Static attention shapes: every step attends over all `capacity` positions, with a
+    /// mask. Where a device's kernels pick different code for different shapes (cuBLAS,
+    /// flash attention), a row then gets the same bits whatever step it is computed in, which
+    /// is what keeps speculative verification equal to plain decoding on the torch path
+    /// (issue 7); it is also the static shape CUDA graphs need.
+    pub fn set_static_shapes(&mut self, on: bool) {
+        for l in &mut self.layers {
+            l.attend_all = on;
+        }
+    }
+
+    pub fn static_shapes(&self) -> bool {
+        self.layers.first().is_some_and(|l| l.attend_all)
+    }
+
+    /// Shortens layers `range` to at most `len` positions.
+    pub fn truncate_layers(&mut self, range: std::ops::Range<usize>, len: i64) {
+        for l in &mut self.layers[range] {
+            l.len = l.len.min(len);
+        }
+    }
+
     /// Rotary positions of `t` new tokens written at offset `offset`: `[B, T]`.
     pub fn positions(&self, offset: i64, t: i64) -> Tensor {
         let dev = self.pad.device();
@@ -106,7 +132,9 @@ impl KvCache {
     /// The mask for [`Self::mask`], or `None` when it would allow everything: one query and no
     /// padding, the common decode step, where SDPA then takes its unmasked path.
     pub fn mask_if_needed(&self, offset: i64, t: i64) -> Option<Tensor> {
-        if t == 1 && self.pad_host.iter().all(|&p| p == 0) {
+        if self.static_shapes() {
+            Some(self.mask_over(offset, t, self.capacity))
+        } else if t == 1 && self.pad_host.iter().all(|&p| p == 0) {
             None
         } else {
             Some(self.mask(offset, t))
@@ -119,9 +147,14 @@ impl KvCache {
     /// query sees itself: a row with no allowed key would give NaN, which would then reach
     /// real rows through `0 * NaN` in the value product.
     pub fn mask(&self, offset: i64, t: i64) -> Tensor {
+        self.mask_over(offset, t, offset + t)
+    }
+
+    /// [`Self::mask`] over the first `s` key positions (`s >= offset + t`; later keys are
+    /// never allowed).
+    fn mask_over(&self, offset: i64, t: i64, s: i64) -> Tensor {
         let dev = self.pad.device();
-        let s = offset + t;
-        let q = Tensor::arange_start(offset, s, (Kind::Int64, dev)).unsqueeze(1); // [T, 1]
+        let q = Tensor::arange_start(offset, offset + t, (Kind::Int64, dev)).unsqueeze(1); // [T, 1]
         let k = Tensor::arange(s, (Kind::Int64, dev)).unsqueeze(0); // [1, S]
         let causal = k.le_tensor(&q); // [T, S]
         let not_pad = k.ge_tensor(&self.pad.unsqueeze(1)); // [B, S]

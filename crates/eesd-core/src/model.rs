@@ -115,8 +115,13 @@ impl Attention {
         cache.k.narrow(2, start, t).copy_(&k);
         cache.v.narrow(2, start, t).copy_(&v);
         cache.len = start + t;
-        let keys = cache.k.narrow(2, 0, cache.len);
-        let values = cache.v.narrow(2, 0, cache.len);
+        let visible = if cache.attend_all {
+            cache.k.size()[2]
+        } else {
+            cache.len
+        };
+        let keys = cache.k.narrow(2, 0, visible);
+        let values = cache.v.narrow(2, 0, visible);
         // An explicit offset-aware mask: `is_causal` is wrong when T differs from the key
         // length (EESD.md section 5). GQA is handled by SDPA itself.
         let out = Tensor::scaled_dot_product_attention(

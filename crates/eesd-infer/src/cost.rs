@@ -57,8 +57,9 @@ impl CostTracker {
         let mut t = Self::new(k_max);
         let base = engine.base;
         let dev = base.device;
-        let cap = context + k_max as i64 + 2;
-        let mut cache = base.new_cache(1, cap);
+        let k_max = k_max.min(engine.verify_width().map_or(k_max, |w| w - 1));
+        let mut cache = engine.new_cache(context as usize, k_max + 1);
+        let cap = cache.capacity();
         let ids: Vec<u32> = Vec::<i64>::try_from(Tensor::randint(
             base.cfg.vocab_size as i64,
             [context],

@@ -114,6 +114,15 @@ struct SpecBenchArgs {
     /// Folder for bench.json and bench.md.
     #[arg(long, default_value = "results")]
     out: PathBuf,
+    /// Sampling temperature (0 = greedy); with --top-p, one sampled row per controller is
+    /// added to the greedy ones (its outputs are not compared: only greedy must be identical).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Exit with an error when any greedy output differs from plain decoding (`off`).
+    #[arg(long)]
+    require_identical: bool,
 }
 
 /// Which model, where, in what precision.
@@ -233,9 +242,10 @@ fn engine<'a>(
     p: &'a Pretrained,
     head: Option<&'a EarlyExitHead>,
     args: &ModelArgs,
+    max_draft: usize,
 ) -> Result<Engine<'a>> {
     let kernels = Kernels::parse(args.kernels.as_deref(), p.model.device)?;
-    Ok(Engine::with_kernels(&p.model, head, kernels)?)
+    Ok(Engine::with_kernels(&p.model, head, kernels)?.with_verify_width(max_draft + 1))
 }
 
 fn encode(p: &Pretrained, text: &str, chat: bool) -> Result<Vec<u32>> {
@@ -352,7 +362,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         a.spec.max_draft,
         a.seed as u64,
     )?;
-    let engine = engine(&p, head.as_ref(), &a.model)?;
+    let engine = engine(&p, head.as_ref(), &a.model, a.spec.max_draft)?;
     let mut costs = if head.is_some() {
         CostTracker::calibrate(&engine, a.spec.max_draft, 64, 3)
     } else {
@@ -439,7 +449,7 @@ fn bench_decode(a: BenchArgs) -> Result<()> {
     };
     // Warm-up: allocator, kernels, thread pool.
     let warm = encode(&p, &prompts[0].text, true)?;
-    let engine = engine(&p, None, &a.model)?;
+    let engine = engine(&p, None, &a.model, 0)?;
     plain::generate(
         &engine,
         &warm,
@@ -531,7 +541,7 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         }
         datasets.push(eesd_infer::bench_spec::Dataset { name, prompts });
     }
-    let engine = engine(&p, Some(&head), &a.model)?;
+    let engine = engine(&p, Some(&head), &a.model, a.max_draft)?;
     let mut costs = CostTracker::calibrate(&engine, a.max_draft, 64, 5);
     let c = costs.costs();
     eprintln!(
@@ -546,7 +556,7 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         &p,
         GenerateOptions {
             max_new_tokens: a.max_new_tokens,
-            sampling: SamplingParams::default(),
+            sampling: SamplingParams::new(a.temperature, 0, a.top_p)?,
             eos_ids: p.tokenizer.eos_ids.clone(),
         },
     );
@@ -580,6 +590,17 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
     )?;
     std::fs::write(a.out.join("bench.md"), &table)?;
     eprintln!("wrote {}/bench.json and bench.md", a.out.display());
+    let mismatched: Vec<String> = rows
+        .iter()
+        .filter(|r| r.mismatches > 0)
+        .map(|r| format!("{} {}: {}", r.dataset, r.controller, r.mismatches))
+        .collect();
+    if a.require_identical && !mismatched.is_empty() {
+        bail!(
+            "speculative output differs from plain decoding: {}",
+            mismatched.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -72,8 +72,7 @@ pub fn generate(
     let model = engine.base;
     check_prompt(model, prompt)?;
     let ctx = model.cfg.max_position_embeddings;
-    let capacity = ctx.min(prompt.len() + opts.max_new_tokens.max(1));
-    let mut cache = model.new_cache(1, capacity as i64);
+    let mut cache = engine.new_cache(prompt.len(), opts.max_new_tokens);
     let device = model.device;
     let mut stats = DecodeStats {
         prompt_tokens: prompt.len(),

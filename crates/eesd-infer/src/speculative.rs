@@ -124,7 +124,15 @@ pub struct Engine<'a> {
     /// N; 0 without a head.
     pub exit_layer: usize,
     native: Option<NativeParts>,
+    /// Torch path: every pass through `[N, L)` runs this many rows (the real ones, then
+    /// padding), and attention spans the whole cache, so plain steps and verification of up
+    /// to `width - 1` drafts run identical kernel shapes and a row gets the same bits in
+    /// either (issue 7: exact on CUDA, whose kernels are chosen by shape). 0 = off.
+    static_width: usize,
 }
+
+/// Default [`Engine`] verify width: 8 drafts (the CLI's default `--max-draft`) plus one.
+pub const DEFAULT_VERIFY_WIDTH: usize = 9;
 
 impl<'a> Engine<'a> {
     /// Native kernels on CPU, torch on CUDA.
@@ -146,12 +154,45 @@ impl<'a> Engine<'a> {
                 head: head.map(|h| NativeHead::new(h, base)).transpose()?,
             }),
         };
+        let static_width = if native.is_none() {
+            DEFAULT_VERIFY_WIDTH
+        } else {
+            0
+        };
         Ok(Engine {
             base,
             head,
             exit_layer,
             native,
+            static_width,
         })
+    }
+
+    /// The most positions one verification may check (`--max-draft` + 1). On the torch path
+    /// every plain step pays for this many rows in `[N, L)` (on a GPU nearly free: the pass is
+    /// bound by reading the weights), so plain and speculative engines compared with each
+    /// other must use the same width.
+    pub fn with_verify_width(mut self, width: usize) -> Self {
+        if self.native.is_none() {
+            self.static_width = width.max(1);
+        }
+        self
+    }
+
+    /// The largest verification this engine can run (drafts + 1), if it is bounded.
+    pub fn verify_width(&self) -> Option<usize> {
+        (self.static_width > 0).then_some(self.static_width)
+    }
+
+    /// A base-model cache for a prompt of `prompt_len` tokens and `max_new` new ones, with
+    /// room for a padded verification; plain and speculative decoding size it the same way
+    /// (on the static-shape path the capacity is part of every attention shape).
+    pub fn new_cache(&self, prompt_len: usize, max_new: usize) -> KvCache {
+        let ctx = self.base.cfg.max_position_embeddings;
+        let capacity = ctx.min(prompt_len + max_new.max(1)) + 1 + self.static_width;
+        let mut cache = self.base.new_cache(1, capacity as i64);
+        cache.set_static_shapes(self.static_width > 0);
+        cache
     }
 
     /// For the decode loop: on the native path torch runs single-threaded until the guard
@@ -220,6 +261,25 @@ impl<'a> Engine<'a> {
         let b = self.base;
         let range = self.exit_layer..b.num_layers();
         match (h, &self.native) {
+            (Hidden::Torch(t), None) if self.static_width > 0 => {
+                let rows = t.size()[1];
+                let w = self.static_width as i64;
+                if rows > w {
+                    return Err(Error::Input(format!(
+                        "verifying {rows} positions but the engine's verify width is {w}"
+                    )));
+                }
+                let start = cache.len(range.start);
+                let pad = Tensor::zeros([1, w - rows, t.size()[2]], (t.kind(), t.device()));
+                let padded = Tensor::cat(&[t, &pad], 1);
+                let out = b.forward_layers(&padded, range.clone(), cache);
+                // The padding rows came after the real ones (causal: they changed nothing);
+                // drop their cache entries.
+                cache.truncate_layers(range, start + rows);
+                Ok(b.logits(&b.final_norm(&out))
+                    .squeeze_dim(0)
+                    .narrow(0, 0, rows))
+            }
             (Hidden::Torch(t), None) => Ok(b
                 .logits(&b.final_norm(&b.forward_layers(t, range, cache)))
                 .squeeze_dim(0)),
@@ -283,8 +343,8 @@ pub fn generate(
     let (device, vocab) = (base.device, base.cfg.vocab_size as i64);
     let ctx = base.cfg.max_position_embeddings;
     let p_len = prompt.len();
-    let capacity = (ctx.min(p_len + g.max_new_tokens.max(1)) + 1) as i64;
-    let mut cache = base.new_cache(1, capacity);
+    let mut cache = engine.new_cache(p_len, g.max_new_tokens);
+    let capacity = cache.capacity();
     let mut head_cache = engine.head.map(|h| h.new_cache(base, 1, capacity));
     let mut stats = DecodeStats {
         prompt_tokens: p_len,

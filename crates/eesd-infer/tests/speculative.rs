@@ -44,17 +44,24 @@ fn load_as(name: &str, kind: Kind) -> Llama {
 }
 
 /// The kernel paths and dtypes whose verification must equal plain decoding bit for bit:
-/// every dtype on the native CPU kernels; f32 on torch (CPU) or the device's path (CUDA).
+/// every dtype, on the native CPU kernels (batch-invariant by construction) and on torch
+/// (static shapes: plain steps run the verify width too), on CPU, and on CUDA when tested there.
 fn exact_paths() -> Vec<(Kernels, Kind)> {
+    let torch = [
+        (Kernels::Torch, Kind::Float),
+        (Kernels::Torch, Kind::BFloat16),
+        (Kernels::Torch, Kind::Half),
+    ];
     if device().is_cuda() {
-        return vec![(Kernels::Torch, Kind::Float)];
+        return torch.to_vec();
     }
-    vec![
+    let mut v = vec![
         (Kernels::Native, Kind::Float),
         (Kernels::Native, Kind::BFloat16),
         (Kernels::Native, Kind::Half),
-        (Kernels::Torch, Kind::Float),
-    ]
+    ];
+    v.extend(torch);
+    v
 }
 
 /// A head for `base`: random (a poor draft) or, at N = L - 1 with a copy of the last layer, an
