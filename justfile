@@ -38,6 +38,11 @@ bench prompts="8" tokens="128": build
     {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --out results
     python scripts/plot.py bench results/bench.json
 
+# Exactness in bf16 (the default dtype): every controller's greedy output against plain decoding
+# on 200 prompts (50 from each corpus); fails on any difference. Table in results/identity/.
+identity prompts="50" tokens="64": build
+    {{bin}} bench --model {{model}} --head {{head}} --dtype bf16 --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --data data/corpora/sharegpt.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --controllers off,thompson,thompson-calibrated,heuristic,confidence:0.5,fixed:1,fixed:3,fixed:8 --out results/identity --require-identical
+
 # Run every test (unit, golden against transformers, consistency, CLI, real model).
 test: setup
     cargo test --release --workspace

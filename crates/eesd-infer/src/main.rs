@@ -237,6 +237,25 @@ fn load(args: &ModelArgs) -> Result<Pretrained> {
     Ok(p)
 }
 
+/// The most drafts a round may propose: verifying more than 17 positions leaves the range where
+/// a verification costs about one plain step (our kernels stream the weights once for up to 16
+/// rows; beyond, cost grows with every row), so longer drafts cannot pay.
+const MAX_DRAFT_LIMIT: usize = 16;
+
+/// Refuses a `--max-draft` that cannot pay, and bounds it by what the generation can use.
+fn draft_limit(max_draft: usize, max_new_tokens: usize) -> Result<usize> {
+    if max_draft == 0 || max_draft > MAX_DRAFT_LIMIT {
+        bail!(
+            "--max-draft {max_draft}: a round drafts at least 1 and at most {MAX_DRAFT_LIMIT} \
+             tokens (verifying more than {} positions costs more with every extra row and \
+             cannot pay)",
+            MAX_DRAFT_LIMIT + 1
+        );
+    }
+    // Never more drafts than tokens left to generate after the first one.
+    Ok(max_draft.min(max_new_tokens.saturating_sub(1)).max(1))
+}
+
 /// The decode engine for `args`' kernel choice.
 fn engine<'a>(
     p: &'a Pretrained,
@@ -346,27 +365,23 @@ fn generate(a: GenerateArgs) -> Result<()> {
         .controller
         .clone()
         .unwrap_or_else(|| default_controller.into());
+    let max_draft = draft_limit(a.spec.max_draft, a.max_new_tokens)?;
     // Refuse a bad controller before the (slow) model load.
     controller::parse(
         &controller_name,
         &ThompsonConfig {
-            k_max: a.spec.max_draft,
+            k_max: max_draft,
             ..Default::default()
         },
     )?;
     let p = load(&a.model)?;
     let head = load_head(&p, &a.spec.head)?;
-    let mut ctrl = make_controller(
-        &controller_name,
-        head.as_ref(),
-        a.spec.max_draft,
-        a.seed as u64,
-    )?;
-    let engine = engine(&p, head.as_ref(), &a.model, a.spec.max_draft)?;
+    let mut ctrl = make_controller(&controller_name, head.as_ref(), max_draft, a.seed as u64)?;
+    let engine = engine(&p, head.as_ref(), &a.model, max_draft)?;
     let mut costs = if head.is_some() {
-        CostTracker::calibrate(&engine, a.spec.max_draft, 64, 3)
+        CostTracker::calibrate(&engine, max_draft, 64, 3)
     } else {
-        CostTracker::new(a.spec.max_draft)
+        CostTracker::new(max_draft)
     };
     let opts = spec_options(
         &p,
@@ -520,6 +535,7 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
             },
         )?;
     }
+    draft_limit(a.max_draft, a.max_new_tokens)?;
     let p = load(&a.model)?;
     let head = load_head(&p, &Some(a.head.clone()))?.expect("head given");
     let mut datasets = Vec::new();

@@ -344,6 +344,22 @@ fn speculative_flags_are_checked() {
         ]),
         "at least 1",
     );
+    // A draft length that cannot pay is refused before any model work (it used to calibrate
+    // 1,000 verify widths first).
+    assert_clean_error(
+        &run(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "w5",
+            "--max-draft",
+            "1000",
+            "--controller",
+            "thompson",
+        ]),
+        "at most 16",
+    );
     assert_clean_error(
         &run(&[
             "generate",

@@ -126,3 +126,64 @@ fn speculative_greedy_equals_transformers_on_the_default_model() {
         }
     }
 }
+
+/// bf16, the default dtype (issue 7): speculative greedy output equals plain bf16 decoding on
+/// every reference prompt, on the native kernels (trained head, several controllers, 24 tokens)
+/// and on torch's static-shape path (a subset: it pays the verify width on every plain step).
+/// The full 200-prompt run is `just identity`.
+#[test]
+fn bf16_speculative_equals_plain_bf16_on_the_default_model() {
+    use eesd_core::head::EarlyExitHead;
+    use eesd_infer::controller::{parse, ThompsonConfig};
+    use eesd_infer::cost::CostTracker;
+    use eesd_infer::speculative::{generate as spec_generate, Engine, Kernels, SpecOptions};
+    let dir = model_dir();
+    assert!(dir.join("config.json").is_file(), "run `just setup` first");
+    let p = Pretrained::load(dir.to_str().unwrap(), tch::Device::Cpu, tch::Kind::BFloat16).unwrap();
+    let head_dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/heads/smollm2-135m-instruct");
+    let head = EarlyExitHead::load(&head_dir, &p.model, &p.fingerprint).unwrap();
+    let refs = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_greedy.jsonl"),
+    )
+    .unwrap();
+    let prompts: Vec<Vec<u32>> = refs
+        .lines()
+        .map(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::from_value(r["prompt_ids"].clone()).unwrap()
+        })
+        .collect();
+    for (kernels, n_prompts, tokens, controllers) in [
+        (
+            Kernels::Native,
+            prompts.len(),
+            24,
+            &["thompson", "fixed:3", "fixed:8", "confidence:0.5"][..],
+        ),
+        (Kernels::Torch, 4, 12, &["thompson", "fixed:3"][..]),
+    ] {
+        let opts = SpecOptions {
+            gen: GenerateOptions {
+                max_new_tokens: tokens,
+                sampling: Default::default(),
+                eos_ids: p.tokenizer.eos_ids.clone(),
+            },
+            time_every: 1,
+            check_invariants: true,
+        };
+        let engine = Engine::with_kernels(&p.model, Some(&head), kernels)
+            .unwrap()
+            .with_verify_width(9);
+        let mut costs = CostTracker::calibrate(&engine, 8, 32, 2);
+        for prompt in &prompts[..n_prompts] {
+            let want = generate(&engine, prompt, &opts.gen, |_| {}).unwrap().ids;
+            for name in controllers {
+                let mut c = parse(name, &ThompsonConfig::default()).unwrap();
+                let got =
+                    spec_generate(&engine, prompt, &opts, c.as_mut(), &mut costs, |_| {}).unwrap();
+                assert_eq!(got.ids, want, "{kernels:?} bf16, {name}");
+            }
+        }
+    }
+}
