@@ -24,7 +24,7 @@ setup:
 build: setup
     cargo build --release --workspace
 
-# EESD with the committed head: text, statistics, and the speedup over plain decoding in the same run.
+# EESD with the committed head: text, statistics, and its speedup over plain decoding in one run.
 demo prompt="Explain in three sentences why the sky is blue.": build
     {{bin}} generate --model {{model}} --head {{head}} --chat --max-new-tokens 128 --prompt "{{prompt}}"
     {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/mtbench.parquet --num-prompts 2 --max-new-tokens 96 --controllers off,thompson --out results/demo
@@ -35,11 +35,11 @@ train config: build
 
 # Every controller on GSM8K, HumanEval and MT-Bench prompts with the committed head: table, JSON, PNG.
 bench prompts="8" tokens="128": build
-    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --out results
+    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --out results --require-identical
+    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --temperature 0.7 --top-p 0.9 --controllers off,thompson,thompson-calibrated,confidence:0.5,fixed:1,fixed:2 --out results/sampled
     python scripts/plot.py bench results/bench.json
 
-# Exactness in bf16 (the default dtype): every controller's greedy output against plain decoding
-# on 200 prompts (50 from each corpus); fails on any difference. Table in results/identity/.
+# bf16 exactness: every controller's greedy output vs plain decoding, 200 prompts (50 per corpus).
 identity prompts="50" tokens="64": build
     {{bin}} bench --model {{model}} --head {{head}} --dtype bf16 --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --data data/corpora/sharegpt.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --controllers off,thompson,thompson-calibrated,heuristic,confidence:0.5,fixed:1,fixed:3,fixed:8 --out results/identity --require-identical
 
@@ -52,9 +52,13 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings
 
-# Plain decode tokens/s vs this machine's bandwidth floor vs transformers, one run; table to README format.
-bench-decode prompts="8" tokens="128": build
-    python scripts/bench_decode.py --model {{model}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} --out results/bench_decode.json
+# Plain decode tok/s in interleaved rounds: ours, transformers, llama.cpp (llama=PATH/llama-bench), floor.
+bench-decode rounds="3" prompts="4" tokens="64" llama="": build
+    python scripts/bench_decode.py --model {{model}} --rounds {{rounds}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} {{ if llama != "" { "--llama-bench " + llama } else { "" } }} --out results/bench_decode.json
+
+# Native kernels vs torch: one pass of every weight product for 1-16 rows, per dtype (verify cost).
+bench-kernels: build
+    {{bin}} bench-kernels --json-out results/bench_kernels.json
 
 # Regenerate the committed references (tiny golden models; transformers' greedy ids on the real model).
 references: setup

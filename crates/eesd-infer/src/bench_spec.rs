@@ -21,6 +21,8 @@ pub struct Row {
     pub controller: String,
     pub decode_tokens_per_s: f64,
     pub speedup_vs_off: f64,
+    /// The cost model's prediction for the same rounds (see `DecodeStats::predicted_speedup`).
+    pub predicted_speedup: f64,
     pub acceptance_rate: f64,
     pub mean_accepted_length: f64,
     pub mean_draft_length: f64,
@@ -84,6 +86,7 @@ pub fn run(
                 controller: name.clone(),
                 decode_tokens_per_s: s.decode_tokens_per_s(),
                 speedup_vs_off: off.map(|o| s.decode_tokens_per_s() / o).unwrap_or(f64::NAN),
+                predicted_speedup: s.predicted_speedup(&costs.costs()),
                 acceptance_rate: s.acceptance_rate(),
                 mean_accepted_length: s.mean_accepted_length(),
                 mean_draft_length: s.mean_draft_length(),
@@ -100,19 +103,24 @@ pub fn run(
 /// The rows as a markdown table.
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| dataset | controller | decode tok/s | speedup vs off | acceptance | mean accepted length | mean draft length | mismatches |\n|---|---|---|---|---|---|---|---|\n",
+        "| dataset | controller | decode tok/s | speedup vs off | predicted | acceptance | mean accepted length | mean draft length | mismatches |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {:.2}x | {:.1}% | {:.2} | {:.2} | {} |\n",
+            "| {} | {} | {:.2} | {:.2}x | {:.2}x | {:.1}% | {:.2} | {:.2} | {} |\n",
             r.dataset,
             r.controller,
             r.decode_tokens_per_s,
             r.speedup_vs_off,
+            r.predicted_speedup,
             100.0 * r.acceptance_rate,
             r.mean_accepted_length,
             r.mean_draft_length,
-            r.mismatches
+            if r.temperature > 0.0 {
+                format!("- (T = {})", r.temperature)
+            } else {
+                r.mismatches.to_string()
+            }
         ));
     }
     s
