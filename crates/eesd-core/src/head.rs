@@ -191,8 +191,15 @@ impl EarlyExitHead {
         }
     }
 
-    /// Loads a head folder and checks it belongs to `base` (identified by `fingerprint`).
+    /// Loads a head folder and checks it belongs to `base` (identified by `fingerprint`); the
+    /// weights take the base's dtype.
     pub fn load(dir: &Path, base: &Llama, fingerprint: &str) -> Result<Self> {
+        Self::load_as(dir, base, fingerprint, base.kind)
+    }
+
+    /// [`Self::load`] with the weights in `kind`: the trainer keeps the head in f32 whatever
+    /// the base dtype (a bf16 base would otherwise round a resumed head).
+    pub fn load_as(dir: &Path, base: &Llama, fingerprint: &str, kind: Kind) -> Result<Self> {
         let json = dir.join("head.json");
         let text = std::fs::read_to_string(&json).map_err(|e| Error::io(&json, e))?;
         let spec: HeadSpec = serde_json::from_str(&text).map_err(|e| Error::Config {
@@ -207,7 +214,7 @@ impl EarlyExitHead {
             )));
         }
         spec.check_against(base, fingerprint)?;
-        let w = Weights::open_files(&[dir.join("head.safetensors")], base.kind, base.device)?;
+        let w = Weights::open_files(&[dir.join("head.safetensors")], kind, base.device)?;
         let layers = (0..spec.head_layers)
             .map(|j| DecoderLayer::load(&w, &format!("layers.{j}"), &base.cfg))
             .collect::<Result<Vec<_>>>()?;

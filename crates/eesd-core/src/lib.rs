@@ -1,11 +1,13 @@
 //! Everything EESD training and inference share: the HF config, the LLaMA model split into
 //! layer ranges, the KV cache, checkpoint loading, tokenizer and chat template, sampling.
+pub mod args;
 pub mod cache;
 pub mod config;
 pub mod corpus;
 pub mod device;
 pub mod error;
 pub mod fingerprint;
+pub mod generate;
 pub mod head;
 pub mod model;
 pub mod native;

@@ -125,18 +125,11 @@ struct SpecBenchArgs {
     require_identical: bool,
 }
 
-/// Which model, where, in what precision.
+/// Which model, where, in what precision (the flags eesd-train shares), and which kernels.
 #[derive(Args)]
 struct ModelArgs {
-    /// A local HF model folder (config.json, *.safetensors, tokenizer.json) or a hub id org/name.
-    #[arg(long)]
-    model: String,
-    /// cpu, cuda or cuda:N [default: cuda when available, else cpu]
-    #[arg(long)]
-    device: Option<String>,
-    /// f32, f16 or bf16 [default: bf16]
-    #[arg(long)]
-    dtype: Option<String>,
+    #[command(flatten)]
+    base: eesd_core::args::ModelArgs,
     /// Decode kernels: native (our CPU kernels: exact verification, fastest on CPU) or torch
     /// [default: native on cpu, torch on cuda]
     #[arg(long)]
@@ -214,10 +207,11 @@ struct BenchArgs {
 }
 
 fn load(args: &ModelArgs) -> Result<Pretrained> {
-    let device = parse_device(args.device.as_deref())?;
-    let kind = parse_dtype(args.dtype.as_deref(), device)?;
-    let p = Pretrained::load(&args.model, device, kind)
-        .with_context(|| format!("loading model {}", args.model))?;
+    let p = args
+        .base
+        .load()
+        .with_context(|| format!("loading model {}", args.base.model))?;
+    let (device, kind) = (p.model.device, p.model.kind);
     if !p.unused_tensors.is_empty() {
         eprintln!(
             "note: {} checkpoint tensors unused: {:?}",

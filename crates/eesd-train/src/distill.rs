@@ -11,11 +11,10 @@
 use crate::adamw::{clip_grad_norm, lr_at, AdamW};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use eesd_core::args::ModelArgs;
 use eesd_core::corpus::{self, TeacherRow};
-use eesd_core::device::{parse_device, parse_dtype};
 use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec, LmHeadMode};
 use eesd_core::model::Llama;
-use eesd_core::pretrained::Pretrained;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -41,15 +40,10 @@ pub enum LmHeadArg {
 
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct DistillArgs {
-    /// Base model folder (or hub id).
-    #[arg(long)]
-    pub model: String,
-    #[arg(long)]
-    pub device: Option<String>,
-    /// Base dtype [default: bf16]; the head always trains in f32 on CPU
-    /// and in the base dtype's device otherwise.
-    #[arg(long)]
-    pub dtype: Option<String>,
+    /// The base model (`--model`, `--device`, `--dtype` [default: bf16]); the head always
+    /// trains in f32.
+    #[command(flatten)]
+    pub base: ModelArgs,
     /// Teacher data (parquet parts from `gen`, or any data with the documented schema).
     #[arg(long, required = true)]
     pub data: Vec<String>,
@@ -364,10 +358,11 @@ fn save_checkpoint(
 }
 
 pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
-    let device = parse_device(a.device.as_deref())?;
-    let kind = parse_dtype(a.dtype.as_deref(), device)?;
-    let p =
-        Pretrained::load(&a.model, device, kind).with_context(|| format!("loading {}", a.model))?;
+    let p = a
+        .base
+        .load()
+        .with_context(|| format!("loading {}", a.base.model))?;
+    let device = p.model.device;
     let base = &p.model;
     let l = base.num_layers();
     if a.exit_layer == 0 || a.exit_layer >= l {
@@ -431,7 +426,7 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
     std::fs::create_dir_all(&a.out)?;
     let ckpt = checkpoint_dir(&a.out);
     let (mut head, mut state) = if a.resume && ckpt.join("trainer.json").exists() {
-        let head = EarlyExitHead::load(&ckpt, base, &p.fingerprint)
+        let head = EarlyExitHead::load_as(&ckpt, base, &p.fingerprint, Kind::Float)
             .with_context(|| format!("resuming from {}", ckpt.display()))?;
         let state: TrainerState =
             serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer.json"))?)?;
@@ -601,7 +596,7 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
     }
     bar.finish();
     if let Some(dir) = &a.export {
-        let mut slim = EarlyExitHead::load(&ckpt, base, &p.fingerprint)?;
+        let mut slim = EarlyExitHead::load_as(&ckpt, base, &p.fingerprint, Kind::Float)?;
         slim.cast_to(Kind::Half);
         slim.save(dir)?;
         eprintln!("distill: exported the head to {}", dir.display());

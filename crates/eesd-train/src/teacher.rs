@@ -9,11 +9,10 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use eesd_core::args::ModelArgs;
 use eesd_core::corpus::{self, TeacherRow};
-use eesd_core::device::{parse_device, parse_dtype};
-use eesd_core::pretrained::Pretrained;
+use eesd_core::generate::{generate_batch, GenerateOptions};
 use eesd_core::sampling::SamplingParams;
-use eesd_infer::plain::{generate_batch, GenerateOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -21,15 +20,9 @@ use std::time::Instant;
 
 #[derive(Args, Debug, Clone)]
 pub struct GenArgs {
-    /// Base model folder (or hub id).
-    #[arg(long)]
-    pub model: String,
-    /// cpu, cuda or cuda:N [default: cuda when available]
-    #[arg(long)]
-    pub device: Option<String>,
-    /// f32, f16 or bf16 [default: bf16]
-    #[arg(long)]
-    pub dtype: Option<String>,
+    /// The base model (`--model`, `--device`, `--dtype`).
+    #[command(flatten)]
+    pub base: ModelArgs,
     /// Prompt corpora: parquet files, folders or globs (repeat the flag for several).
     #[arg(long, required = true)]
     pub data: Vec<String>,
@@ -69,8 +62,6 @@ pub struct GenArgs {
 
 pub fn run(a: &GenArgs) -> Result<()> {
     let sampling = SamplingParams::new(a.temperature, 0, a.top_p)?;
-    let device = parse_device(a.device.as_deref())?;
-    let kind = parse_dtype(a.dtype.as_deref(), device)?;
     let mut sources = Vec::new();
     let mut references: std::collections::HashMap<String, String> = Default::default();
     for spec in &a.data {
@@ -81,8 +72,10 @@ pub fn run(a: &GenArgs) -> Result<()> {
             }
         }
     }
-    let p =
-        Pretrained::load(&a.model, device, kind).with_context(|| format!("loading {}", a.model))?;
+    let p = a
+        .base
+        .load()
+        .with_context(|| format!("loading {}", a.base.model))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
 
     // Resume: ids already written are skipped; parts from another base are refused.

@@ -409,7 +409,9 @@ unsafe fn run_range(
     }
 }
 
+// Register-blocked loops index several arrays with the same counters; iterators would hide it.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use super::{WKind, WeightView};
     use std::arch::asm;
@@ -653,7 +655,11 @@ mod x86 {
                 let xv: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(x0.add(r * kp + i) as *const __m512i));
                 for o in 0..NO {
-                    acc[o][r] = _mm512_dpbf16_ps(acc[o][r], std::mem::transmute(wv[o]), xv);
+                    acc[o][r] = _mm512_dpbf16_ps(
+                        acc[o][r],
+                        std::mem::transmute::<__m512i, __m512bh>(wv[o]),
+                        xv,
+                    );
                 }
             }
             i += 32;

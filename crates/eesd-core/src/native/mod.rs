@@ -334,9 +334,9 @@ impl Stack {
         })
     }
 
-    /// Runs layers `range` over `x` `[t, hidden]` in place, layer `i` of the range using
-    /// cache layer `cache_start + (i - range.start)`; those cache layers must share one length
-    /// and grow by `t`.
+    /// Runs layers `range` over `x` `[t, hidden]` in place, layer `i` using cache layer `i`
+    /// (a head's stack has its own cache, indexed from 0); those cache layers must share one
+    /// length and grow by `t`.
     pub fn forward(
         &self,
         ctx: &Ctx,
@@ -345,8 +345,8 @@ impl Stack {
         t: usize,
         range: Range<usize>,
         cache: &mut KvCache,
-        cache_start: usize,
     ) -> Result<()> {
+        let cache_start = range.start;
         let d = self.dims;
         let (h, nh, nkv, hd) = (d.hidden, d.heads, d.kv_heads, d.head_dim);
         let qkv_w = (nh + 2 * nkv) * hd;
@@ -488,9 +488,8 @@ impl NativeModel {
         range: Range<usize>,
         cache: &mut KvCache,
     ) -> Result<()> {
-        let start = range.start;
         self.stack
-            .forward(&self.ctx, &self.rope, x, t, range, cache, start)
+            .forward(&self.ctx, &self.rope, x, t, range, cache)
     }
 
     /// Final norm + LM head: logits `[t, V]` (f32).
@@ -524,7 +523,7 @@ impl NativeHead {
     ) -> Result<Tensor> {
         let n = self.stack.layers.len();
         self.stack
-            .forward(&model.ctx, &model.rope, x, t, 0..n, cache, 0)?;
+            .forward(&model.ctx, &model.rope, x, t, 0..n, cache)?;
         let h = self.stack.dims.hidden;
         Ok(self.output.logits(&model.ctx, &x[(t - 1) * h..], 1))
     }

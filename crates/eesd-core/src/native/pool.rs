@@ -101,7 +101,7 @@ impl Pool {
         let mut spins = 0u32;
         while self.shared.pending.load(Ordering::Acquire) != 0 {
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && t0.elapsed() > SPIN_BEFORE_YIELD {
+            if spins.is_multiple_of(256) && t0.elapsed() > SPIN_BEFORE_YIELD {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -123,7 +123,7 @@ fn worker(s: Arc<Shared>, tid: usize) {
                 break e;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 != 0 {
+            if !spins.is_multiple_of(256) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -226,7 +226,7 @@ mod tests {
                 for p in 0..parts {
                     let r = split(n, parts, 8, p);
                     assert_eq!(r.start, next.min(n));
-                    assert!(r.start % 8 == 0 || r.start == n);
+                    assert!(r.start.is_multiple_of(8) || r.start == n);
                     next = r.end.max(next);
                 }
                 assert_eq!(next, n);

@@ -18,7 +18,7 @@ const P: [f32; 6] = [
     8.333_452e-3,
     4.166_579_6e-2,
     1.666_666_5e-1,
-    5.000_000_1e-1,
+    0.5, // Cephes' 5.0000001e-1 rounds to 0.5 in f32
 ];
 
 /// exp(x) for x clamped to [-87, 88] (the softmax and SiLU ranges), within 2 ulp. The
@@ -92,11 +92,11 @@ fn silu_ref(g: f32) -> f32 {
 pub unsafe fn axpy(isa: Isa, acc: &mut [f32], a: f32, v: *const u8, kind: WKind) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx if acc.len() % 16 == 0 => {
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx if acc.len().is_multiple_of(16) => {
             x86::axpy_512(acc, a, v, kind)
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if acc.len() % 16 == 0 => x86::axpy_256(acc, a, v, kind),
+        Isa::Avx2 if acc.len().is_multiple_of(16) => x86::axpy_256(acc, a, v, kind),
         _ => {
             for (d, o) in acc.iter_mut().enumerate() {
                 *o = a.mul_add(load(v, kind, d), *o);
