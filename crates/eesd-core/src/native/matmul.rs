@@ -178,6 +178,20 @@ impl Isa {
             .unwrap_or(Isa::Scalar)
     }
 
+    /// Every instruction set this CPU can run, best first (tests compare them all).
+    pub fn all_available() -> Vec<Isa> {
+        [
+            Isa::Amx,
+            Isa::Avx512Bf16,
+            Isa::Avx512,
+            Isa::Avx2,
+            Isa::Scalar,
+        ]
+        .into_iter()
+        .filter(|i| i.available())
+        .collect()
+    }
+
     /// Whether this CPU can run `self`.
     pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -442,15 +456,15 @@ mod x86 {
         (row0.wrapping_add(bytes), lines.div_ceil(iters.max(1)))
     }
 
-    // Weight dtypes as const generics, so the inner loops carry no dtype branch.
+    // The FMA kernels' weight dtypes as const generics, so the inner loops carry no dtype
+    // branch (bf16 weights always take the VDPBF16PS / AMX kernels below).
     const F32: u8 = 0;
-    const BF16: u8 = 1;
     const F16: u8 = 2;
 
     fn code(kind: WKind) -> u8 {
         match kind {
             WKind::F32 => F32,
-            WKind::Bf16 => BF16,
+            WKind::Bf16 => unreachable!("bf16 weights take the bf16 kernels"),
             WKind::F16 => F16,
         }
     }
@@ -462,9 +476,6 @@ mod x86 {
     unsafe fn load16_512<const K: u8>(row: *const u8, i: usize) -> __m512 {
         if K == F32 {
             _mm512_loadu_ps((row as *const f32).add(i))
-        } else if K == BF16 {
-            let h = _mm256_loadu_si256((row as *const u16).add(i) as *const __m256i);
-            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
         } else {
             _mm512_cvtph_ps(_mm256_loadu_si256(
                 (row as *const u16).add(i) as *const __m256i
@@ -604,7 +615,6 @@ mod x86 {
     ) {
         match code(w.kind) {
             F32 => range_512::<F32>(x, m, w, y, cols),
-            BF16 => range_512::<BF16>(x, m, w, y, cols),
             _ => range_512::<F16>(x, m, w, y, cols),
         }
     }
@@ -1003,11 +1013,6 @@ mod x86 {
         if K == F32 {
             let p = (row as *const f32).add(i);
             (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
-        } else if K == BF16 {
-            let p = (row as *const u16).add(i) as *const __m128i;
-            let a = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16);
-            let b = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(1))), 16);
-            (_mm256_castsi256_ps(a), _mm256_castsi256_ps(b))
         } else {
             let p = (row as *const u16).add(i) as *const __m128i;
             (
@@ -1135,7 +1140,6 @@ mod x86 {
     ) {
         match code(w.kind) {
             F32 => range_256::<F32>(x, m, w, y, cols),
-            BF16 => range_256::<BF16>(x, m, w, y, cols),
             _ => range_256::<F16>(x, m, w, y, cols),
         }
     }
@@ -1173,19 +1177,6 @@ mod tests {
             .collect()
     }
 
-    fn isas() -> Vec<Isa> {
-        [
-            Isa::Amx,
-            Isa::Avx512Bf16,
-            Isa::Avx512,
-            Isa::Avx2,
-            Isa::Scalar,
-        ]
-        .into_iter()
-        .filter(|i| i.available())
-        .collect()
-    }
-
     /// Every row of a 1..=16-row product equals the same row computed alone, bit for bit, on
     /// every instruction set, and equals the scalar reference; odd sizes exercise the tails.
     #[test]
@@ -1204,7 +1195,7 @@ mod tests {
                 // uses); both must give the same bits.
                 let packed = (kind == WKind::Bf16 && n >= 16).then(|| AmxPacked::new(&w));
                 let mut paths: Vec<(Isa, WeightView)> =
-                    isas().into_iter().map(|i| (i, w)).collect();
+                    Isa::all_available().into_iter().map(|i| (i, w)).collect();
                 if let (Some(p), true) = (&packed, Isa::Amx.available()) {
                     paths.push((Isa::Amx, unsafe { w.with_packed(p) }));
                 }

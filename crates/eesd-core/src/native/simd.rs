@@ -344,19 +344,6 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn isas() -> Vec<Isa> {
-        [
-            Isa::Amx,
-            Isa::Avx512Bf16,
-            Isa::Avx512,
-            Isa::Avx2,
-            Isa::Scalar,
-        ]
-        .into_iter()
-        .filter(|i| i.available())
-        .collect()
-    }
-
     #[test]
     fn exp_is_accurate() {
         let mut x = -90.0f32;
@@ -393,7 +380,7 @@ mod tests {
                 WKind::Bf16,
             )
         };
-        for isa in isas() {
+        for isa in Isa::all_available() {
             let mut got = base.clone();
             let s = exp_sum(isa, &mut got, 1.5);
             assert_eq!(s.to_bits(), want_sum.to_bits(), "{isa:?} exp sum");
