@@ -17,7 +17,7 @@ for line in sys.stdin:
         kind = m["target"]["kind"][0]
         # Only what runs on CUDA; a call carries at most 64 MiB.
         if (name, kind) not in {("golden", "test"), ("consistency", "test"), ("speculative", "test"),
-                                ("eesd_infer", "lib")}:
+                                ("cuda_graphs", "test"), ("eesd_infer", "lib")}:
             continue
         dest = f".device/bin/test-{name}-{kind}"
         shutil.copy(m["executable"], dest)
@@ -27,11 +27,14 @@ cp target/release/eesd-infer target/release/eesd-train .device/bin/
 strip .device/bin/*
 # Test executables find their fixtures under the folder they were built in.
 echo "$PWD" > .device/built_at
-# For the throughput check: the default model's config and tokenizer (no weights; random ones
-# are made there) and 128 ShareGPT prompts.
+# For the throughput and end-to-end checks: the default model's config and tokenizer (no
+# weights; random ones are made there), 128 ShareGPT prompts and the three benchmark corpora.
 mkdir -p .device/smollm2
 cp data/models/smollm2-135m-instruct/{config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja,generation_config.json} .device/smollm2/
 .venv/bin/python -c '
 import pyarrow.parquet as pq
 pq.write_table(pq.read_table("data/corpora/sharegpt.parquet").slice(0, 128), ".device/sharegpt128.parquet")'
+cp data/corpora/{gsm8k,humaneval,mtbench}.parquet .device/
+# A call carries at most 64 MiB with the working tree: the binaries travel compressed.
+tar -C .device -cJf .device/bin.tar.xz bin && rm -rf .device/bin
 du -sh .device

@@ -1,42 +1,62 @@
 #!/usr/bin/env bash
 # Runs on a GPU machine (PyTorch 2.11, no Rust, no network) from the repository root, with the
 # bundle from scripts/gpu_bundle.sh in .device/. Writes logs and JSON under $OUT (or results/gpu).
-#   1. the golden, consistency, speculative and trainer tests on CUDA (EESD_TEST_DEVICE=cuda)
-#   2. a random-weight LLaMA-2-7B-shaped model in bf16: plain decode vs the bandwidth floor,
-#      the draft step cost c for N = 4, 8, 12, the verify cost of k+1 = 1..9 positions
+#   1. the golden, consistency, speculative, CUDA-graph and library tests on CUDA
+#   2. random-weight LLaMA-2-7B and 13B shapes in bf16: plain decode eager and with CUDA graphs
+#      against the bandwidth floor; the draft step cost c for N = 4, 8, 12 and the verify cost
+#      of k+1 = 1..9 positions (with graphs)
 #   3. teacher generation and distillation throughput on CUDA (random SmolLM2-shaped weights,
 #      the real tokenizer), bf16 base
+#   4. EESD end to end on CUDA: `eesd-infer bench` over GSM8K, HumanEval and MT-Bench with the
+#      head distilled in 3 on the random SmolLM2-shaped base (the real weights cannot travel),
+#      greedy, --require-identical, graphs on; then `off` and thompson with graphs off.
 set -uo pipefail
 out=${OUT:-results/gpu}
 mkdir -p "$out"
 torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+{ date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } | tee "$out/gpu.txt"
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu.txt"
+[ -f .device/bin.tar.xz ] && tar -C .device -xJf .device/bin.tar.xz
 # The test executables look for fixtures under the path they were built at.
 built_at=$(cat .device/built_at)
 if [ "$built_at" != "$PWD" ] && [ ! -e "$built_at" ]; then mkdir -p "$(dirname "$built_at")"; ln -s "$PWD" "$built_at"; fi
 
 export EESD_TEST_DEVICE=cuda
 status=0
-for t in golden consistency speculative; do
+for t in cuda_graphs golden consistency speculative; do
   echo "== $t (cuda)" | tee -a "$out/tests.log"
-  timeout 300 ".device/bin/test-$t-test" --test-threads 1 2>&1 | tail -n 25 | tee -a "$out/tests.log" || status=1
+  timeout 240 ".device/bin/test-$t-test" --test-threads 1 2>&1 | tail -n 25 | tee -a "$out/tests.log" || status=1
 done
-for t in .device/bin/test-eesd_infer-lib; do
-  echo "== $t" | tee -a "$out/tests.log"
-  timeout 120 "$t" --test-threads 1 2>&1 | tail -n 4 | tee -a "$out/tests.log" || status=1
+echo "== .device/bin/test-eesd_infer-lib" | tee -a "$out/tests.log"
+timeout 60 .device/bin/test-eesd_infer-lib --test-threads 1 2>&1 | tail -n 3 | tee -a "$out/tests.log" || status=1
+
+for shape in llama2-7b llama2-13b; do
+  echo "== $shape shape, bf16" | tee -a "$out/shape.log"
+  timeout 150 .device/bin/eesd-infer bench-shape --shape $shape --device cuda --dtype bf16 \
+    --exit-layers 4,8,12 --max-draft 8 --context 256 --json-out "$out/shape_${shape//-/_}.json" 2>&1 \
+    | grep -v '^{' | tee -a "$out/shape.log"
 done
 
-echo "== LLaMA-2-7B shape, bf16" | tee -a "$out/shape.log"
-timeout 240 .device/bin/eesd-infer bench-shape --shape llama2-7b --device cuda --dtype bf16 \
-  --exit-layers 4,8,12 --max-draft 8 --context 256 --json-out "$out/shape_llama2_7b.json" 2>&1 | tee -a "$out/shape.log"
 echo "== gen + distill throughput on CUDA (random SmolLM2-135M-shaped weights, bf16 base)" | tee -a "$out/train.log"
 python3 scripts/random_model.py .device/smollm2 /tmp/smollm2-random 2>&1 | tail -n 1
-timeout 150 .device/bin/eesd-train gen --model /tmp/smollm2-random --device cuda --dtype bf16 \
+timeout 120 .device/bin/eesd-train gen --model /tmp/smollm2-random --device cuda --dtype bf16 \
   --data .device/sharegpt128.parquet --out /tmp/teacher --limit 128 --max-new-tokens 128 --batch-size 64 2>&1 | tail -n 2 | tee -a "$out/train.log"
-timeout 150 .device/bin/eesd-train distill --model /tmp/smollm2-random --device cuda --dtype bf16 \
-  --data /tmp/teacher --out /tmp/distill --exit-layer 10 --draft-vocab 8192 --steps 200 --accum 4 \
+timeout 120 .device/bin/eesd-train distill --model /tmp/smollm2-random --device cuda --dtype bf16 \
+  --data /tmp/teacher --out /tmp/distill --exit-layer 4 --draft-vocab 8192 --steps 200 --accum 4 \
   --eval-every 100 --eval-examples 8 2>&1 | tail -n 2 | tee -a "$out/train.log"
+nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed 's/^/GPU memory in use after training: /' | tee -a "$out/train.log"
+
+echo "== EESD end to end (random SmolLM2-shaped base, head distilled above), bf16, CUDA graphs" | tee -a "$out/e2e.log"
+data=".device/gsm8k.parquet .device/humaneval.parquet .device/mtbench.parquet"
+args=()
+for d in $data; do args+=(--data "$d"); done
+timeout 200 .device/bin/eesd-infer bench --model /tmp/smollm2-random --head /tmp/distill/checkpoint \
+  --device cuda --dtype bf16 "${args[@]}" --num-prompts 8 --max-new-tokens 128 \
+  --controllers thompson,fixed:1,fixed:3 --require-identical --out "$out/e2e_graphs" 2>&1 | tail -n 16 | tee -a "$out/e2e.log" || status=1
+echo "== the same, CUDA graphs off" | tee -a "$out/e2e.log"
+EESD_CUDA_GRAPHS=0 timeout 150 .device/bin/eesd-infer bench --model /tmp/smollm2-random --head /tmp/distill/checkpoint \
+  --device cuda --dtype bf16 "${args[@]}" --num-prompts 8 --max-new-tokens 128 \
+  --controllers thompson --require-identical --out "$out/e2e_eager" 2>&1 | tail -n 10 | tee -a "$out/e2e.log" || status=1
 echo "tests status: $status"
 exit $status

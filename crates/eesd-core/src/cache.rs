@@ -25,6 +25,9 @@ pub struct KvCache {
     /// Left padding per row, `[B]` i64 on the cache's device.
     pad: Tensor,
     pad_host: Vec<i64>,
+    /// Set on caches whose buffers outlive them (an engine's pool, see [`KvCache::view`]):
+    /// only such buffers may be written by a replayed CUDA graph, which holds their addresses.
+    pub pool_id: Option<u64>,
 }
 
 impl KvCache {
@@ -61,6 +64,41 @@ impl KvCache {
             capacity,
             pad: Tensor::zeros([batch], (Kind::Int64, device)),
             pad_host: vec![0; batch as usize],
+            pool_id: None,
+        }
+    }
+
+    /// A cache over the same buffers, emptied (every length 0), with the same shape mode and
+    /// padding: how an engine hands out its pooled buffers to one generation after another.
+    /// Writes through the view land in this cache's buffers; use one view at a time.
+    pub fn view(&self) -> KvCache {
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerCache {
+                    k: l.k.shallow_clone(),
+                    v: l.v.shallow_clone(),
+                    len: 0,
+                    attend_all: l.attend_all,
+                })
+                .collect(),
+            capacity: self.capacity,
+            pad: self.pad.shallow_clone(),
+            pad_host: self.pad_host.clone(),
+            pool_id: self.pool_id,
+        }
+    }
+
+    /// Sets the length of layers `range` (after a replayed graph wrote them on the device).
+    pub fn set_len(&mut self, range: std::ops::Range<usize>, len: i64) {
+        assert!(
+            len <= self.capacity,
+            "KV cache overflow: {len} > {}",
+            self.capacity
+        );
+        for l in &mut self.layers[range] {
+            l.len = len;
         }
     }
 
@@ -141,6 +179,23 @@ impl KvCache {
         }
     }
 
+    /// Cache slots `[T]` of `t` new tokens written at the device offset `offset` (`[1]` i64).
+    pub fn slots(offset: &Tensor, t: i64) -> Tensor {
+        offset + Tensor::arange(t, (Kind::Int64, offset.device()))
+    }
+
+    /// Rotary positions `[B, T]` of the tokens at cache `slots` `[T]` (a device tensor).
+    pub fn positions_at(&self, slots: &Tensor) -> Tensor {
+        (slots.unsqueeze(0) - self.pad.unsqueeze(1)).clamp_min(0)
+    }
+
+    /// [`Self::mask`] for queries at cache `slots` `[T]` over every preallocated key, built on
+    /// the device from the slots alone: no host value enters it, so a captured graph that
+    /// contains it is right at any offset it is replayed at.
+    pub fn mask_at(&self, slots: &Tensor) -> Tensor {
+        self.mask_for(&slots.unsqueeze(1), self.capacity)
+    }
+
     /// Attention mask for `t` queries at `offset` over `offset + t` keys: `[B, 1, T, S]`, true
     /// where attention is allowed. Causal with the offset (a query sees its own and earlier
     /// positions, never later ones), and padding keys are never seen, except that a padding
@@ -155,10 +210,16 @@ impl KvCache {
     fn mask_over(&self, offset: i64, t: i64, s: i64) -> Tensor {
         let dev = self.pad.device();
         let q = Tensor::arange_start(offset, offset + t, (Kind::Int64, dev)).unsqueeze(1); // [T, 1]
+        self.mask_for(&q, s)
+    }
+
+    /// The mask for query positions `q` `[T, 1]` over the first `s` keys.
+    fn mask_for(&self, q: &Tensor, s: i64) -> Tensor {
+        let dev = self.pad.device();
         let k = Tensor::arange(s, (Kind::Int64, dev)).unsqueeze(0); // [1, S]
-        let causal = k.le_tensor(&q); // [T, S]
+        let causal = k.le_tensor(q); // [T, S]
         let not_pad = k.ge_tensor(&self.pad.unsqueeze(1)); // [B, S]
-        let diag = k.eq_tensor(&q); // [T, S]
+        let diag = k.eq_tensor(q); // [T, S]
         let allowed = causal.unsqueeze(0).logical_and(&not_pad.unsqueeze(1));
         allowed.logical_or(&diag.unsqueeze(0)).unsqueeze(1)
     }

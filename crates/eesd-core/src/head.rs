@@ -8,7 +8,7 @@
 
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
-use crate::model::{run_stack, DecoderLayer, Llama, RmsNorm};
+use crate::model::{run_stack, run_stack_at, DecoderLayer, Llama, RmsNorm};
 use crate::weights::Weights;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -345,6 +345,27 @@ impl EarlyExitHead {
             hidden,
             cache,
         )
+    }
+
+    /// [`Self::forward`] over a static-shape head cache at a device offset (see
+    /// [`crate::model::run_stack_at`]): what a CUDA graph of the draft step records.
+    pub fn forward_at(
+        &self,
+        base: &Llama,
+        hidden: &Tensor,
+        cache: &mut KvCache,
+        offset: i64,
+        offset_dev: &Tensor,
+    ) -> Tensor {
+        self.logits(&run_stack_at(
+            &self.layers,
+            0..self.layers.len(),
+            &base.rope,
+            hidden,
+            cache,
+            offset,
+            offset_dev,
+        ))
     }
 
     /// Head hidden states -> draft logits `[B, T, V_d]` in f32.

@@ -4,6 +4,7 @@ pub mod args;
 pub mod cache;
 pub mod config;
 pub mod corpus;
+pub mod cuda_graph;
 pub mod device;
 pub mod error;
 pub mod fingerprint;

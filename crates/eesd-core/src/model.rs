@@ -91,7 +91,9 @@ impl Attention {
         })
     }
 
-    /// `x` `[B, T, H]` at cache offset `cache.len` -> `[B, T, H]`; appends T entries to `cache`.
+    /// `x` `[B, T, H]` -> `[B, T, H]`, writing T cache entries: at `cache.len` (which grows
+    /// by T), or with `slots` (`[T]`, on the device) at those slots over a static-shape cache,
+    /// whose length the caller keeps.
     fn forward(
         &self,
         x: &Tensor,
@@ -99,6 +101,7 @@ impl Attention {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: &mut crate::cache::LayerCache,
+        slots: Option<&Tensor>,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden is [B, T, H]");
         let (nh, nkv) = (self.num_heads, self.num_kv_heads);
@@ -110,12 +113,18 @@ impl Attention {
         let q = qk.narrow(1, 0, nh);
         let k = qk.narrow(1, nh, nkv);
         let v = qkv.narrow(1, nh + nkv, nkv);
-        // Write the new entries into the preallocated buffers, then attend over [0, len + T).
-        let start = cache.len;
-        cache.k.narrow(2, start, t).copy_(&k);
-        cache.v.narrow(2, start, t).copy_(&v);
-        cache.len = start + t;
-        let visible = if cache.attend_all {
+        // Write the new entries into the preallocated buffers, then attend over [0, len + T)
+        // (or, with static shapes, over every slot, masked).
+        if let Some(slots) = slots {
+            let _ = cache.k.index_copy_(2, slots, &k);
+            let _ = cache.v.index_copy_(2, slots, &v);
+        } else {
+            let start = cache.len;
+            cache.k.narrow(2, start, t).copy_(&k);
+            cache.v.narrow(2, start, t).copy_(&v);
+            cache.len = start + t;
+        }
+        let visible = if cache.attend_all || slots.is_some() {
             cache.k.size()[2]
         } else {
             cache.len
@@ -276,10 +285,16 @@ impl DecoderLayer {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: &mut crate::cache::LayerCache,
+        slots: Option<&Tensor>,
     ) -> Tensor {
-        let x = x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x), cos, sin, mask, cache);
+        let x = x + self.self_attn.forward(
+            &self.input_layernorm.forward(x),
+            cos,
+            sin,
+            mask,
+            cache,
+            slots,
+        );
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
 }
@@ -308,12 +323,60 @@ pub fn run_stack(
         "KV cache overflow: {offset} + {t} > {}",
         cache.capacity()
     );
+    if cache.static_shapes() {
+        let at = Tensor::from_slice(&[offset]).to_device(hidden.device());
+        return run_stack_at(layers, cache_range, rope, hidden, cache, offset, &at);
+    }
     let (cos, sin) = rope.tables(&cache.positions(offset, t));
     let mask = cache.mask_if_needed(offset, t);
     let mut x = hidden.shallow_clone();
     for (layer, i) in layers.iter().zip(cache_range) {
-        x = layer.forward(&x, &cos, &sin, mask.as_ref(), &mut cache.layers[i]);
+        x = layer.forward(&x, &cos, &sin, mask.as_ref(), &mut cache.layers[i], None);
     }
+    x
+}
+
+/// [`run_stack`] over a static-shape cache with the write offset given twice: `offset_dev`
+/// (`[1]` i64 on the device) is what every kernel reads (cache slots, rotary positions, the
+/// mask), `offset` only keeps the host-side lengths. No host value reaches a kernel launch, so
+/// the pass can be captured once as a CUDA graph and replayed at any later offset after
+/// `offset_dev` is refilled in place (issue 9); on every device it computes what `run_stack`
+/// computes.
+pub fn run_stack_at(
+    layers: &[DecoderLayer],
+    cache_range: Range<usize>,
+    rope: &Rope,
+    hidden: &Tensor,
+    cache: &mut KvCache,
+    offset: i64,
+    offset_dev: &Tensor,
+) -> Tensor {
+    let t = hidden.size()[1];
+    assert!(
+        offset + t <= cache.capacity(),
+        "KV cache overflow: {offset} + {t} > {}",
+        cache.capacity()
+    );
+    let slots = KvCache::slots(offset_dev, t);
+    // Padding rows of a verify-width pass may sit past the rotary table near the end of the
+    // context; their values are never used, so their positions are clamped into it.
+    let positions = cache
+        .positions_at(&slots)
+        .clamp_max(rope.max_positions() - 1);
+    let (cos, sin) = rope.tables(&positions);
+    let mask = cache.mask_at(&slots);
+    let mut x = hidden.shallow_clone();
+    for (layer, i) in layers.iter().zip(cache_range.clone()) {
+        x = layer.forward(
+            &x,
+            &cos,
+            &sin,
+            Some(&mask),
+            &mut cache.layers[i],
+            Some(&slots),
+        );
+    }
+    cache.set_len(cache_range, offset + t);
     x
 }
 
@@ -443,6 +506,27 @@ impl Llama {
             &self.rope,
             hidden,
             cache,
+        )
+    }
+
+    /// [`Self::forward_layers`] over a static-shape cache at a device offset: see
+    /// [`run_stack_at`].
+    pub fn forward_layers_at(
+        &self,
+        hidden: &Tensor,
+        range: Range<usize>,
+        cache: &mut KvCache,
+        offset: i64,
+        offset_dev: &Tensor,
+    ) -> Tensor {
+        run_stack_at(
+            &self.layers[range.clone()],
+            range,
+            &self.rope,
+            hidden,
+            cache,
+            offset,
+            offset_dev,
         )
     }
 

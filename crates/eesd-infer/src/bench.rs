@@ -56,16 +56,24 @@ pub mod shape {
         v[v.len() / 2]
     }
 
-    /// Plain decode seconds per token after a `context`-token prompt (median over `steps`).
-    pub fn plain_step(base: &Llama, context: i64, steps: usize) -> f64 {
+    /// Plain decode seconds per token after a `context`-token prompt (median over `steps`),
+    /// through the decode engine's torch path (the path CUDA runs), with or without CUDA
+    /// graphs.
+    pub fn plain_step(base: &Llama, context: i64, steps: usize, graphs: bool) -> f64 {
         let _g = tch::no_grad_guard();
         let dev = base.device;
-        let mut cache = base.new_cache(1, context + 2);
-        let ids = Tensor::randint(base.cfg.vocab_size as i64, [1, context], (Kind::Int64, dev));
-        let _ = base.forward(&ids, &mut cache);
-        let one = ids.narrow(1, 0, 1);
+        let engine = Engine::with_kernels(base, None, crate::speculative::Kernels::Torch)
+            .expect("torch kernels")
+            .with_cuda_graphs(graphs);
+        let mut cache = engine.new_cache(context as usize, 2);
+        let prompt: Vec<u32> = (0..context as u32)
+            .map(|i| (i * 7919) % base.cfg.vocab_size as u32)
+            .collect();
+        let _ = engine.prefill(&prompt, &mut cache, None).expect("prefill");
+        let one = Tensor::from_slice(&[1i64]).to_device(dev);
         median_secs(steps, dev, || {
-            let logits = base.forward(&one, &mut cache);
+            let h = engine.embed_lower(&one, &mut cache).expect("step");
+            let logits = engine.upper_logits(&h, &mut cache).expect("step");
             let _ = logits.argmax(-1, false).int64_value(&[0]);
             cache.truncate(context);
         })
@@ -86,7 +94,7 @@ pub mod shape {
         let head = EarlyExitHead::init(base, spec, (draft_vocab > 0).then_some(vocab.as_slice()))
             .expect("head");
         let engine = Engine::new(base, Some(&head));
-        let t = crate::cost::CostTracker::calibrate(&engine, k_max, context, 9);
+        let t = crate::cost::CostTracker::calibrate(&engine, k_max, context, 15);
         let c = t.costs();
         (c.draft_step, c.verify)
     }

@@ -69,7 +69,7 @@ impl CostTracker {
         .into_iter()
         .map(|t| t as u32)
         .collect();
-        let mut head_cache = engine.head.map(|head| head.new_cache(base, 1, cap));
+        let mut head_cache = engine.new_head_cache(cap);
         let _ = engine
             .prefill(&ids, &mut cache, head_cache.as_mut())
             .expect("calibration prefill");

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_spec;
 pub mod controller;
 pub mod cost;
+pub mod graphs;
 pub mod plain;
 pub mod prompts;
 pub mod speculative;

@@ -641,13 +641,29 @@ fn bench_shape(a: ShapeArgs) -> Result<()> {
     );
     let base = eesd_core::model::Llama::random(cfg, kind, device);
     let bandwidth = shape::bandwidth(device, kind);
-    let step = shape::plain_step(&base, a.context, 30);
     let floor = bandwidth / bytes;
+    let graphs = eesd_core::cuda_graph::available(device);
+    // Eager first, then with CUDA graphs where they run (the engine's default there).
+    let eager_step = shape::plain_step(&base, a.context, 30, false);
+    let step = if graphs {
+        shape::plain_step(&base, a.context, 30, true)
+    } else {
+        eager_step
+    };
     eprintln!(
-        "plain decode {:.1} tok/s; bandwidth {:.0} GB/s -> floor {floor:.1} tok/s ({:.0}% of floor)",
-        1.0 / step,
+        "bandwidth {:.0} GB/s -> floor {floor:.1} tok/s; plain decode eager {:.1} tok/s ({:.0}% of floor){}",
         bandwidth / 1e9,
-        100.0 / step / floor
+        1.0 / eager_step,
+        100.0 / eager_step / floor,
+        if graphs {
+            format!(
+                ", CUDA graphs {:.1} tok/s ({:.0}% of floor)",
+                1.0 / step,
+                100.0 / step / floor
+            )
+        } else {
+            String::new()
+        }
     );
     let mut per_exit = Vec::new();
     for &n in &exits {
@@ -667,6 +683,7 @@ fn bench_shape(a: ShapeArgs) -> Result<()> {
         "shape": a.shape, "device": device_name, "dtype": format!("{kind:?}"), "context": a.context,
         "weight_bytes": bytes, "bandwidth_bytes_per_s": bandwidth, "floor_tokens_per_s": floor,
         "plain_tokens_per_s": 1.0 / step, "fraction_of_floor": 1.0 / step / floor,
+        "cuda_graphs": graphs, "plain_eager_tokens_per_s": 1.0 / eager_step,
         "draft_vocab": a.draft_vocab, "exits": per_exit,
     });
     println!("{report}");

@@ -9,6 +9,7 @@
 
 use crate::controller::{Controller, Next, Outcome};
 use crate::cost::CostTracker;
+use crate::graphs::{Graphs, Unit};
 use crate::plain::{check_prompt, GenerateOptions, Generation, StopReason};
 use crate::stats::DecodeStats;
 use crate::verify::{accept_greedy, accept_sampled, Verdict};
@@ -18,6 +19,8 @@ use eesd_core::head::EarlyExitHead;
 use eesd_core::model::Llama;
 use eesd_core::native::{NativeHead, NativeModel};
 use eesd_core::{Error, Result};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -129,7 +132,18 @@ pub struct Engine<'a> {
     /// to `width - 1` drafts run identical kernel shapes and a row gets the same bits in
     /// either (issue 7: exact on CUDA, whose kernels are chosen by shape). 0 = off.
     static_width: usize,
+    /// CUDA graphs of the decode units (torch path on CUDA; eager elsewhere).
+    graphs: Graphs,
+    /// Caches handed out by [`Engine::new_cache`] and [`Engine::new_head_cache`] while graphs
+    /// are on, by (head?, capacity): a graph writes the buffers it was recorded with, so they
+    /// live as long as the engine and serve one generation after another.
+    pool: RefCell<HashMap<(bool, i64), KvCache>>,
+    next_pool_id: Cell<u64>,
 }
+
+/// Static-shape caches are sized in multiples of this many positions, so that prompts of
+/// similar length share attention shapes (and CUDA graphs).
+const CAPACITY_QUANTUM: usize = 256;
 
 /// Default [`Engine`] verify width: 8 drafts (the CLI's default `--max-draft`) plus one.
 pub const DEFAULT_VERIFY_WIDTH: usize = 9;
@@ -159,13 +173,35 @@ impl<'a> Engine<'a> {
         } else {
             0
         };
+        // On by default where they can run; EESD_CUDA_GRAPHS=0 turns them off.
+        let want_graphs =
+            static_width > 0 && std::env::var("EESD_CUDA_GRAPHS").map_or(true, |v| v != "0");
         Ok(Engine {
             base,
             head,
             exit_layer,
             native,
             static_width,
+            graphs: Graphs::new(base.device, want_graphs),
+            pool: RefCell::new(HashMap::new()),
+            next_pool_id: Cell::new(0),
         })
+    }
+
+    /// Turns CUDA graphs on or off (they only run on the torch path on CUDA).
+    pub fn with_cuda_graphs(mut self, on: bool) -> Self {
+        self.graphs = Graphs::new(self.base.device, on && self.static_width > 0);
+        self
+    }
+
+    /// Whether decode steps replay CUDA graphs.
+    pub fn cuda_graphs(&self) -> bool {
+        self.graphs.enabled()
+    }
+
+    /// Graph replays so far.
+    pub fn graph_replays(&self) -> u64 {
+        self.graphs.replays()
     }
 
     /// The most positions one verification may check (`--max-draft` + 1). On the torch path
@@ -175,6 +211,8 @@ impl<'a> Engine<'a> {
     pub fn with_verify_width(mut self, width: usize) -> Self {
         if self.native.is_none() {
             self.static_width = width.max(1);
+            self.graphs.clear();
+            self.pool.borrow_mut().clear();
         }
         self
     }
@@ -189,10 +227,42 @@ impl<'a> Engine<'a> {
     /// (on the static-shape path the capacity is part of every attention shape).
     pub fn new_cache(&self, prompt_len: usize, max_new: usize) -> KvCache {
         let ctx = self.base.cfg.max_position_embeddings;
-        let capacity = ctx.min(prompt_len + max_new.max(1)) + 1 + self.static_width;
-        let mut cache = self.base.new_cache(1, capacity as i64);
-        cache.set_static_shapes(self.static_width > 0);
-        cache
+        let mut capacity = ctx.min(prompt_len + max_new.max(1)) + 1 + self.static_width;
+        if self.static_width > 0 {
+            capacity = capacity.div_ceil(CAPACITY_QUANTUM) * CAPACITY_QUANTUM;
+        }
+        self.pooled(false, capacity as i64, || {
+            self.base.new_cache(1, capacity as i64)
+        })
+    }
+
+    /// The head's cache for a base cache of `capacity` positions, in the same shape mode.
+    pub fn new_head_cache(&self, capacity: i64) -> Option<KvCache> {
+        let head = self.head?;
+        Some(self.pooled(true, capacity, || head.new_cache(self.base, 1, capacity)))
+    }
+
+    /// A fresh cache from `make` in this engine's shape mode: a view of a pooled one while
+    /// graphs are on.
+    fn pooled(&self, is_head: bool, capacity: i64, make: impl FnOnce() -> KvCache) -> KvCache {
+        let fresh = || {
+            let mut c = make();
+            c.set_static_shapes(self.static_width > 0);
+            c
+        };
+        if !self.graphs.enabled() {
+            return fresh();
+        }
+        let mut pool = self.pool.borrow_mut();
+        pool.entry((is_head, capacity))
+            .or_insert_with(|| {
+                let mut c = fresh();
+                let id = self.next_pool_id.get();
+                self.next_pool_id.set(id + 1);
+                c.pool_id = Some(id);
+                c
+            })
+            .view()
     }
 
     /// For the decode loop: on the native path torch runs single-threaded until the guard
@@ -238,6 +308,24 @@ impl<'a> Engine<'a> {
     /// One token (`[1]` i64) embedded and run through `[0, N)`: its layer-N state.
     pub fn embed_lower(&self, token: &Tensor, cache: &mut KvCache) -> Result<Hidden> {
         match &self.native {
+            // Static shapes: the token runs as the first of `static_width` rows (the rest
+            // padding), as every row of a plain step does through these layers, so layers
+            // [0, N) see one kernel shape in plain and speculative decoding alike.
+            None if self.static_width > 0 && self.exit_layer > 0 => {
+                let (b, n) = (self.base, self.exit_layer);
+                let offset = cache.len(0);
+                let pool = cache.pool_id;
+                let pad = Tensor::zeros([self.static_width as i64 - 1], (Kind::Int64, b.device));
+                let ids = Tensor::cat(&[&token.view([1]).to_kind(Kind::Int64), &pad], 0);
+                let h = self
+                    .graphs
+                    .run(Unit::Lower, pool, &ids, offset, |ids, off| {
+                        b.forward_layers_at(&b.embed(&ids.unsqueeze(0)), 0..n, cache, offset, off)
+                            .narrow(1, 0, 1)
+                    })?;
+                cache.set_len(0..n, offset + 1);
+                Ok(Hidden::Torch(h))
+            }
             None => {
                 let b = self.base;
                 Ok(Hidden::Torch(b.forward_layers(
@@ -270,15 +358,23 @@ impl<'a> Engine<'a> {
                     )));
                 }
                 let start = cache.len(range.start);
-                let pad = Tensor::zeros([1, w - rows, t.size()[2]], (t.kind(), t.device()));
-                let padded = Tensor::cat(&[t, &pad], 1);
-                let out = b.forward_layers(&padded, range.clone(), cache);
+                let padded = if rows < w {
+                    let pad = Tensor::zeros([1, w - rows, t.size()[2]], (t.kind(), t.device()));
+                    Tensor::cat(&[t, &pad], 1)
+                } else {
+                    t.shallow_clone()
+                };
+                let pool = cache.pool_id;
+                let logits = self
+                    .graphs
+                    .run(Unit::Upper, pool, &padded, start, |x, off| {
+                        let out = b.forward_layers_at(x, range.clone(), cache, start, off);
+                        b.logits(&b.final_norm(&out)).squeeze_dim(0)
+                    })?;
                 // The padding rows came after the real ones (causal: they changed nothing);
                 // drop their cache entries.
-                cache.truncate_layers(range, start + rows);
-                Ok(b.logits(&b.final_norm(&out))
-                    .squeeze_dim(0)
-                    .narrow(0, 0, rows))
+                cache.set_len(range, start + rows);
+                Ok(logits.narrow(0, 0, rows))
             }
             (Hidden::Torch(t), None) => Ok(b
                 .logits(&b.final_norm(&b.forward_layers(t, range, cache)))
@@ -299,6 +395,17 @@ impl<'a> Engine<'a> {
             .head
             .ok_or_else(|| Error::Input("drafting needs a head".into()))?;
         match (h, &self.native) {
+            (Hidden::Torch(t), None) if head_cache.static_shapes() => {
+                let start = head_cache.len(0);
+                let (rows, e) = (t.size()[1], head.layers.len());
+                let pool = head_cache.pool_id;
+                let logits = self.graphs.run(Unit::Head, pool, t, start, |x, off| {
+                    head.forward_at(self.base, x, head_cache, start, off)
+                        .select(1, -1)
+                })?;
+                head_cache.set_len(0..e, start + rows);
+                Ok(logits)
+            }
             (Hidden::Torch(t), None) => Ok(head.forward(self.base, t, head_cache).select(1, -1)),
             (Hidden::Native { data, rows }, Some(n)) => {
                 let nh = n.head.as_ref().expect("native head built with the engine");
@@ -345,7 +452,7 @@ pub fn generate(
     let p_len = prompt.len();
     let mut cache = engine.new_cache(p_len, g.max_new_tokens);
     let capacity = cache.capacity();
-    let mut head_cache = engine.head.map(|h| h.new_cache(base, 1, capacity));
+    let mut head_cache = engine.new_head_cache(capacity);
     let mut stats = DecodeStats {
         prompt_tokens: p_len,
         ..Default::default()

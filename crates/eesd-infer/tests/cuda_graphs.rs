@@ -1,0 +1,137 @@
+//! CUDA graphs of the decode units (issue 9): replayed steps give the eager steps' logits bit
+//! for bit, a thousand replays neither drift nor grow device memory, and speculative decoding
+//! through graphs equals plain decoding through graphs. Needs a CUDA device and the shim
+//! (`EESD_TEST_DEVICE=cuda`, see scripts/gpu_check.sh); elsewhere each test says it was skipped.
+
+use eesd_core::config::LlamaConfig;
+use eesd_core::cuda_graph;
+use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec};
+use eesd_core::model::Llama;
+use eesd_core::weights::Weights;
+use eesd_infer::speculative::{Engine, Hidden, Kernels};
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+
+fn cuda() -> Option<Device> {
+    let dev = Device::Cuda(0);
+    let wanted = std::env::var("EESD_TEST_DEVICE").as_deref() == Ok("cuda");
+    if wanted && cuda_graph::available(dev) {
+        Some(dev)
+    } else {
+        eprintln!("skipped: needs EESD_TEST_DEVICE=cuda and a build with CUDA graphs");
+        None
+    }
+}
+
+fn load(name: &str, kind: Kind, dev: Device) -> Llama {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../eesd-core/tests/fixtures")
+        .join(name);
+    let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+    Llama::load(cfg, &Weights::open_dir(&dir, kind, dev).unwrap()).unwrap()
+}
+
+fn head(base: &Llama) -> EarlyExitHead {
+    tch::manual_seed(42);
+    let mut spec = HeadSpec::for_base(base, "test", 1);
+    spec.init = HeadInit::ExitLayer;
+    EarlyExitHead::init(base, spec, None).unwrap()
+}
+
+/// Drives `engine` through `steps` rounds of 1..=4 rows each (lower, head, upper), keeping one
+/// row per round; returns every round's verify logits and draft logits.
+fn drive(engine: &Engine, prompt: &[u32], steps: usize) -> Vec<(Tensor, Tensor)> {
+    let _g = tch::no_grad_guard();
+    let dev = engine.base.device;
+    let mut cache = engine.new_cache(prompt.len(), steps + 8);
+    let mut hc = engine.new_head_cache(cache.capacity()).expect("a head");
+    let first = engine.prefill(prompt, &mut cache, Some(&mut hc)).unwrap();
+    let mut token = first.argmax(-1, false);
+    let mut out = Vec::new();
+    for step in 0..steps {
+        let rows = 1 + step % 4;
+        let committed = cache.len(0);
+        let mut states = Vec::new();
+        let mut draft = Tensor::zeros([1], (Kind::Float, dev));
+        for r in 0..rows {
+            let h = engine.embed_lower(&token, &mut cache).unwrap();
+            if r == 0 {
+                draft = engine.head_logits(&h, &mut hc).unwrap();
+            }
+            states.push(h);
+            token = (&token + 7 * (r as i64 + 1)).remainder(engine.base.cfg.vocab_size as i64);
+        }
+        let logits = engine
+            .upper_logits(&Hidden::cat(&states), &mut cache)
+            .unwrap();
+        token = logits.get(0).argmax(-1, false).view([1]);
+        cache.truncate(committed + 1);
+        out.push((logits, draft));
+    }
+    out
+}
+
+#[test]
+fn replayed_steps_equal_eager_steps_bitwise() {
+    let Some(dev) = cuda() else { return };
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        for model in ["mha_untied", "gqa_tied_headdim", "llama3_rope"] {
+            let base = load(model, kind, dev);
+            let h = head(&base);
+            let eager = Engine::with_kernels(&base, Some(&h), Kernels::Torch)
+                .unwrap()
+                .with_cuda_graphs(false);
+            let graphed = Engine::with_kernels(&base, Some(&h), Kernels::Torch)
+                .unwrap()
+                .with_cuda_graphs(true);
+            assert!(graphed.cuda_graphs() && !eager.cuda_graphs());
+            let prompt: Vec<u32> = (0..11).map(|i| 3 + i * 5).collect();
+            let a = drive(&eager, &prompt, 40);
+            let b = drive(&graphed, &prompt, 40);
+            for (i, ((la, da), (lb, db))) in a.iter().zip(&b).enumerate() {
+                assert!(la.equal(lb), "{model} {kind:?}: verify logits of round {i}");
+                assert!(da.equal(db), "{model} {kind:?}: draft logits of round {i}");
+            }
+            assert!(
+                graphed.graph_replays() > 100,
+                "{model} {kind:?}: only {} replays",
+                graphed.graph_replays()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_thousand_replays_neither_drift_nor_grow() {
+    let Some(dev) = cuda() else { return };
+    let _g = tch::no_grad_guard();
+    let base = load("gqa_tied_headdim", Kind::BFloat16, dev);
+    let engine = Engine::with_kernels(&base, None, Kernels::Torch).unwrap();
+    assert!(engine.cuda_graphs());
+    let prompt: Vec<u32> = (0..9).map(|i| 4 + i * 3).collect();
+    let mut cache = engine.new_cache(prompt.len(), 16);
+    let _ = engine.prefill(&prompt, &mut cache, None).unwrap();
+    let token = Tensor::from_slice(&[5i64]).to_device(dev);
+    let at = cache.len(0);
+    let step = |cache: &mut eesd_core::cache::KvCache| {
+        let h = engine.embed_lower(&token, cache).unwrap();
+        let l = engine.upper_logits(&h, cache).unwrap();
+        cache.truncate(at);
+        l
+    };
+    let reference = step(&mut cache); // eager (warm-up)
+    let _ = step(&mut cache); // recorded
+    tch::Cuda::synchronize(0);
+    let before = cuda_graph::memory_allocated(0).unwrap();
+    for i in 0..1000 {
+        let l = step(&mut cache);
+        assert!(l.equal(&reference), "replay {i} drifted");
+    }
+    tch::Cuda::synchronize(0);
+    let after = cuda_graph::memory_allocated(0).unwrap();
+    assert!(engine.graph_replays() >= 1000);
+    assert!(
+        after <= before,
+        "device memory grew over 1000 replays: {before} -> {after} bytes"
+    );
+}
