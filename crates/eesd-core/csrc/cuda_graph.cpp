@@ -82,13 +82,16 @@ int eesd_graph_replay(void* p) {
   return guarded([&] { static_cast<Graph*>(p)->graph.replay(); });
 }
 
-// Bytes the caching allocator holds in live tensors on `device` (torch.cuda.memory_allocated):
-// for the test that replays a graph a thousand times without growth.
-int eesd_cuda_memory_allocated(int device, unsigned long long* out) {
+// Bytes the caching allocator holds in live tensors on `device` now and at most so far
+// (torch.cuda.memory_allocated and max_memory_allocated): for the test that replays a graph a
+// thousand times without growth, and the memory the trainer reports.
+int eesd_cuda_memory_allocated(int device, unsigned long long* current, unsigned long long* peak) {
   return guarded([&] {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
-    *out = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
-               .current;
+    const auto& bytes =
+        stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    *current = bytes.current;
+    *peak = bytes.peak;
   });
 }
 

@@ -20,7 +20,11 @@ mod ffi {
         pub fn eesd_graph_capture_begin(g: *mut c_void, device: c_int) -> c_int;
         pub fn eesd_graph_capture_end(g: *mut c_void) -> c_int;
         pub fn eesd_graph_replay(g: *mut c_void) -> c_int;
-        pub fn eesd_cuda_memory_allocated(device: c_int, out: *mut u64) -> c_int;
+        pub fn eesd_cuda_memory_allocated(
+            device: c_int,
+            current: *mut u64,
+            peak: *mut u64,
+        ) -> c_int;
     }
 }
 
@@ -32,15 +36,40 @@ pub fn available(device: Device) -> bool {
 /// Bytes held by live tensors on CUDA device `index` (torch's `memory_allocated`), where the
 /// shim is built.
 pub fn memory_allocated(index: usize) -> Result<u64> {
+    memory_stats(index).map(|(current, _)| current)
+}
+
+/// The most bytes live tensors have held on CUDA device `index` so far (torch's
+/// `max_memory_allocated`), where the shim is built.
+pub fn memory_peak(index: usize) -> Result<u64> {
+    memory_stats(index).map(|(_, peak)| peak)
+}
+
+/// ", peak GPU memory X GiB" for a report line on CUDA (where the shim is built), else "".
+pub fn peak_memory_note(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => memory_peak(i)
+            .map(|b| {
+                format!(
+                    ", peak GPU memory {:.2} GiB",
+                    b as f64 / (1u64 << 30) as f64
+                )
+            })
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+fn memory_stats(index: usize) -> Result<(u64, u64)> {
     #[cfg(eesd_cuda_graphs)]
     {
-        let mut out = 0u64;
-        // SAFETY: `out` is a valid place for the shim to write one u64.
+        let (mut current, mut peak) = (0u64, 0u64);
+        // SAFETY: both pointers are valid places for the shim to write one u64.
         check(
-            unsafe { ffi::eesd_cuda_memory_allocated(index as i32, &mut out) },
+            unsafe { ffi::eesd_cuda_memory_allocated(index as i32, &mut current, &mut peak) },
             "memory stats",
         )?;
-        Ok(out)
+        Ok((current, peak))
     }
     #[cfg(not(eesd_cuda_graphs))]
     {

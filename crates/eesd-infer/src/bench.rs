@@ -99,6 +99,39 @@ pub mod shape {
         (c.draft_step, c.verify)
     }
 
+    /// Seconds of a step's weight products alone (every layer's four and the LM head) over
+    /// `rows` rows, replayed as one CUDA graph where graphs run: the part of a decode step no
+    /// fusion of the small kernels around them can remove.
+    pub fn weight_pass(base: &Llama, rows: i64, graphs: bool) -> f64 {
+        let _g = tch::no_grad_guard();
+        let (dev, kind) = (base.device, base.kind);
+        let l0 = &base.layers[0];
+        let x = |features: i64| Tensor::randn([1, rows, features], (kind, dev)) * 0.1;
+        let xh = x(base.cfg.hidden_size as i64);
+        let xo = x(l0.self_attn.o_proj.size()[1]);
+        let xi = x(l0.mlp.down_proj.size()[1]);
+        let pass = || {
+            for l in &base.layers {
+                let _ = xh.linear::<&Tensor>(&l.self_attn.qkv_proj, None);
+                let _ = xo.linear::<&Tensor>(&l.self_attn.o_proj, None);
+                let _ = xh.linear::<&Tensor>(&l.mlp.gate_up_proj, None);
+                let _ = xi.linear::<&Tensor>(&l.mlp.down_proj, None);
+            }
+            xh.linear::<&Tensor>(&base.lm_head, None)
+        };
+        if graphs && eesd_core::cuda_graph::available(dev) {
+            let _ = pass();
+            synchronize(dev);
+            let (graph, _out) =
+                eesd_core::cuda_graph::CudaGraph::capture(dev, pass).expect("graph capture");
+            median_secs(20, dev, || graph.replay().expect("graph replay"))
+        } else {
+            median_secs(20, dev, || {
+                let _ = pass();
+            })
+        }
+    }
+
     /// Seconds of one matrix-vector product over `bytes` of weights in `kind`: the bandwidth
     /// this process reaches on the device.
     pub fn bandwidth(dev: tch::Device, kind: Kind) -> f64 {

@@ -665,6 +665,19 @@ fn bench_shape(a: ShapeArgs) -> Result<()> {
             String::new()
         }
     );
+    // How much of a step the weight products alone take, at one row and at the verify width
+    // every step runs (9): what is left is the small kernels around them.
+    let width = eesd_infer::speculative::DEFAULT_VERIFY_WIDTH as i64;
+    let w1 = shape::weight_pass(&base, 1, graphs);
+    let ww = shape::weight_pass(&base, width, graphs);
+    eprintln!(
+        "weight products alone{}: 1 row {:.2} ms, {width} rows {:.2} ms; whole step {:.2} ms; floor {:.2} ms",
+        if graphs { " (one graph)" } else { "" },
+        w1 * 1e3,
+        ww * 1e3,
+        step * 1e3,
+        1e3 / floor
+    );
     let mut per_exit = Vec::new();
     for &n in &exits {
         let (c, v) = shape::spec_costs(&base, n, a.draft_vocab, a.max_draft, a.context);
@@ -684,6 +697,7 @@ fn bench_shape(a: ShapeArgs) -> Result<()> {
         "weight_bytes": bytes, "bandwidth_bytes_per_s": bandwidth, "floor_tokens_per_s": floor,
         "plain_tokens_per_s": 1.0 / step, "fraction_of_floor": 1.0 / step / floor,
         "cuda_graphs": graphs, "plain_eager_tokens_per_s": 1.0 / eager_step,
+        "weight_products_seconds": {"rows_1": w1, "rows_verify_width": ww, "verify_width": width},
         "draft_vocab": a.draft_vocab, "exits": per_exit,
     });
     println!("{report}");

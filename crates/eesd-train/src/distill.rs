@@ -602,10 +602,11 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
         eprintln!("distill: exported the head to {}", dir.display());
     }
     eprintln!(
-        "distill: {} steps, {tokens} response tokens in {:.1}s ({:.1} tok/s) -> {}",
+        "distill: {} steps, {tokens} response tokens in {:.1}s ({:.1} tok/s{}) -> {}",
         a.steps,
         t0.elapsed().as_secs_f64(),
         tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        eesd_core::cuda_graph::peak_memory_note(device),
         ckpt.display()
     );
     Ok(last_eval)

@@ -173,9 +173,10 @@ pub fn run(a: &GenArgs) -> Result<()> {
     bar.finish();
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(
-        "gen: {} responses, {tokens} tokens in {secs:.1}s ({:.1} tok/s) -> {}",
+        "gen: {} responses, {tokens} tokens in {secs:.1}s ({:.1} tok/s{}) -> {}",
         todo.len(),
         tokens as f64 / secs.max(1e-9),
+        eesd_core::cuda_graph::peak_memory_note(p.model.device),
         a.out.display()
     );
     Ok(())
