@@ -1,7 +1,7 @@
 //! Plain autoregressive decoding: one full forward pass per token. The baseline every
 //! speedup is measured against, and the reference the speculative path must equal.
 
-use crate::speculative::Engine;
+use crate::speculative::{Engine, Prologue};
 use crate::stats::DecodeStats;
 use eesd_core::device::synchronize;
 pub use eesd_core::generate::{check_prompt, generate_batch, GenerateOptions, StopReason};
@@ -17,6 +17,20 @@ pub struct Generation {
     pub stats: DecodeStats,
 }
 
+impl Generation {
+    /// Nothing generated: zero new tokens were asked for.
+    pub fn empty(prompt_tokens: usize) -> Self {
+        Generation {
+            ids: Vec::new(),
+            stop: StopReason::MaxNewTokens,
+            stats: DecodeStats {
+                prompt_tokens,
+                ..Default::default()
+            },
+        }
+    }
+}
+
 /// Generates up to `opts.max_new_tokens` after `prompt` with a single sequence, through
 /// `engine`'s kernels (its head, if any, is not used). `on_token` sees the generated ids so far
 /// after each new one (for streaming).
@@ -28,30 +42,20 @@ pub fn generate(
 ) -> Result<Generation> {
     let _guard = tch::no_grad_guard();
     let model = engine.base;
-    check_prompt(model, prompt)?;
     let ctx = model.cfg.max_position_embeddings;
-    let mut cache = engine.new_cache(prompt.len(), opts.max_new_tokens);
     let device = model.device;
-    let mut stats = DecodeStats {
-        prompt_tokens: prompt.len(),
-        ..Default::default()
+    // Prefill: the whole prompt in one pass gives the first new token.
+    let Some(Prologue {
+        mut cache,
+        mut stats,
+        first: mut next,
+        ..
+    }) = engine.prologue(prompt, opts, false)?
+    else {
+        return Ok(Generation::empty(prompt.len()));
     };
     let mut ids: Vec<u32> = Vec::with_capacity(opts.max_new_tokens);
-    if opts.max_new_tokens == 0 {
-        return Ok(Generation {
-            ids,
-            stop: StopReason::MaxNewTokens,
-            stats,
-        });
-    }
-
-    // Prefill: the whole prompt in one pass gives the first new token.
-    synchronize(device);
-    let t0 = Instant::now();
-    let logits = engine.prefill(prompt, &mut cache, None)?;
-    let mut next = opts.sampling.select(&logits);
     let mut token = next.int64_value(&[0]) as u32;
-    stats.prefill_seconds = t0.elapsed().as_secs_f64();
 
     // Decode: one token in, one token out, until EOS, the limit or a full context.
     let _threads = engine.decode_threads();

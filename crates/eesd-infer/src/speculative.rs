@@ -428,6 +428,57 @@ pub struct SpecOptions {
     pub check_invariants: bool,
 }
 
+/// What plain and speculative generation share before their first decode step.
+pub struct Prologue {
+    /// The base's cache, holding the prompt.
+    pub cache: KvCache,
+    /// The head's cache, holding the prompt, when the generation drafts.
+    pub head_cache: Option<KvCache>,
+    /// Prompt length and prefill time filled in.
+    pub stats: DecodeStats,
+    /// The first new token, chosen from the prefill's logits: `[1]` i64 on the device.
+    pub first: Tensor,
+}
+
+impl Engine<'_> {
+    /// The one prologue of plain and speculative generation: the prompt checked, the caches
+    /// sized the same way (the capacity is part of every attention shape on the static-shape
+    /// path, so both must agree), the prompt prefilled (through the head too when `drafting`)
+    /// and the first token chosen. `None` when no token is asked for.
+    pub fn prologue(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        drafting: bool,
+    ) -> Result<Option<Prologue>> {
+        check_prompt(self.base, prompt)?;
+        if opts.max_new_tokens == 0 {
+            return Ok(None);
+        }
+        let mut cache = self.new_cache(prompt.len(), opts.max_new_tokens);
+        let mut head_cache = if drafting {
+            self.new_head_cache(cache.capacity())
+        } else {
+            None
+        };
+        synchronize(self.base.device);
+        let t0 = Instant::now();
+        let logits = self.prefill(prompt, &mut cache, head_cache.as_mut())?;
+        let first = opts.sampling.select(&logits);
+        let stats = DecodeStats {
+            prompt_tokens: prompt.len(),
+            prefill_seconds: t0.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
+        Ok(Some(Prologue {
+            cache,
+            head_cache,
+            stats,
+            first,
+        }))
+    }
+}
+
 fn ids_tensor(ids: &[u32], device: Device) -> Tensor {
     let v: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     Tensor::from_slice(&v).to_device(device).unsqueeze(0)
@@ -444,35 +495,24 @@ pub fn generate(
 ) -> Result<Generation> {
     let _guard = tch::no_grad_guard();
     let base = engine.base;
-    check_prompt(base, prompt)?;
     let g = &opts.gen;
     let sampling = g.sampling;
     let (device, vocab) = (base.device, base.cfg.vocab_size as i64);
     let ctx = base.cfg.max_position_embeddings;
     let p_len = prompt.len();
-    let mut cache = engine.new_cache(p_len, g.max_new_tokens);
-    let capacity = cache.capacity();
-    let mut head_cache = engine.new_head_cache(capacity);
-    let mut stats = DecodeStats {
-        prompt_tokens: p_len,
-        ..Default::default()
+    // Prefill: the prompt through every layer and the head.
+    let Some(Prologue {
+        mut cache,
+        mut head_cache,
+        mut stats,
+        first,
+    }) = engine.prologue(prompt, g, true)?
+    else {
+        return Ok(Generation::empty(p_len));
     };
     let mut ids: Vec<u32> = Vec::with_capacity(g.max_new_tokens);
-    if g.max_new_tokens == 0 {
-        return Ok(Generation {
-            ids,
-            stop: StopReason::MaxNewTokens,
-            stats,
-        });
-    }
-
-    // Prefill: the prompt through every layer and the head.
-    synchronize(device);
-    let t0 = Instant::now();
-    let logits = engine.prefill(prompt, &mut cache, head_cache.as_mut())?;
-    let mut pending = sampling.select(&logits).int64_value(&[0]) as u32;
+    let mut pending = first.int64_value(&[0]) as u32;
     let mut head_backlog: Vec<Hidden> = Vec::new();
-    stats.prefill_seconds = t0.elapsed().as_secs_f64();
 
     let _threads = engine.decode_threads();
     let t_decode = Instant::now();
