@@ -126,3 +126,43 @@ fn left_padded_batch_equals_rows_run_alone() {
         "padding rows stay finite"
     );
 }
+
+/// The static-shape path (attention over the whole cache, writes and positions from a device
+/// offset: what CUDA graphs record) computes what the dynamic path does: prompt, single steps
+/// and a multi-row step with padding rows after the real ones, then a rollback.
+#[test]
+fn static_shapes_at_a_device_offset_equal_the_dynamic_path() {
+    let _g = tch::no_grad_guard();
+    for name in CASES {
+        let m = load(name);
+        let (v, l) = (m.cfg.vocab_size as i64, m.num_layers());
+        let ids = ids(1, 20, v, 9);
+        let want = full(&m, &ids);
+        let mut cache = m.new_cache(1, 64);
+        cache.set_static_shapes(true);
+        let mut got = vec![m.forward(&ids.narrow(1, 0, 12), &mut cache)];
+        for i in 12..16 {
+            let at = cache.len(0);
+            let off = Tensor::from_slice(&[at]).to_device(device());
+            let h = m.forward_layers_at(&m.embed(&ids.narrow(1, i, 1)), 0..l, &mut cache, at, &off);
+            got.push(m.logits(&m.final_norm(&h)));
+        }
+        // Four real rows and five padding rows in one pass; the padding is then dropped.
+        let at = cache.len(0);
+        let pad = Tensor::zeros([1, 5], (Kind::Int64, ids.device()));
+        let rows = Tensor::cat(&[ids.narrow(1, 16, 4), pad], 1);
+        let off = Tensor::from_slice(&[at]).to_device(device());
+        let h = m.forward_layers_at(&m.embed(&rows), 0..l, &mut cache, at, &off);
+        cache.truncate(at + 4);
+        got.push(m.logits(&m.final_norm(&h)).narrow(1, 0, 4));
+        let d = max_diff(&Tensor::cat(&got, 1), &want);
+        assert!(d <= TOL, "{name}: {d:e}");
+        // Rolling back over the padding and rewriting gives the same again.
+        cache.truncate(18);
+        let at = cache.len(0);
+        let off = Tensor::from_slice(&[at]).to_device(device());
+        let h = m.forward_layers_at(&m.embed(&ids.narrow(1, 18, 2)), 0..l, &mut cache, at, &off);
+        let d = max_diff(&m.logits(&m.final_norm(&h)), &want.narrow(1, 18, 2));
+        assert!(d <= TOL, "{name} after rollback: {d:e}");
+    }
+}
