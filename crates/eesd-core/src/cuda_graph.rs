@@ -92,7 +92,7 @@ fn check(rc: std::ffi::c_int, what: &str) -> Result<()> {
     // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
     let msg = unsafe { std::ffi::CStr::from_ptr(ffi::eesd_graph_last_error()) };
     Err(Error::Input(format!(
-        "CUDA graph {what}: {}",
+        "CUDA graph {what}: {} (EESD_CUDA_GRAPHS=0 runs the decode steps eagerly)",
         msg.to_string_lossy()
     )))
 }
