@@ -14,9 +14,6 @@ pub struct LayerCache {
     pub k: Tensor,
     pub v: Tensor,
     pub len: i64,
-    /// Attend over every preallocated position (masked) instead of the first `len`: see
-    /// [`KvCache::set_static_shapes`].
-    pub attend_all: bool,
 }
 
 pub struct KvCache {
@@ -25,6 +22,8 @@ pub struct KvCache {
     /// Left padding per row, `[B]` i64 on the cache's device.
     pad: Tensor,
     pad_host: Vec<i64>,
+    /// See [`KvCache::set_static_shapes`].
+    static_shapes: bool,
     /// Set on caches whose buffers outlive them (an engine's pool, see [`KvCache::view`]):
     /// only such buffers may be written by a replayed CUDA graph, which holds their addresses.
     pub pool_id: Option<u64>,
@@ -56,7 +55,6 @@ impl KvCache {
                 k: Tensor::zeros(shape, (kind, device)),
                 v: Tensor::zeros(shape, (kind, device)),
                 len: 0,
-                attend_all: false,
             })
             .collect();
         KvCache {
@@ -64,6 +62,7 @@ impl KvCache {
             capacity,
             pad: Tensor::zeros([batch], (Kind::Int64, device)),
             pad_host: vec![0; batch as usize],
+            static_shapes: false,
             pool_id: None,
         }
     }
@@ -80,12 +79,12 @@ impl KvCache {
                     k: l.k.shallow_clone(),
                     v: l.v.shallow_clone(),
                     len: 0,
-                    attend_all: l.attend_all,
                 })
                 .collect(),
             capacity: self.capacity,
             pad: self.pad.shallow_clone(),
             pad_host: self.pad_host.clone(),
+            static_shapes: self.static_shapes,
             pool_id: self.pool_id,
         }
     }
@@ -139,40 +138,32 @@ impl KvCache {
     }
 
     /// Static attention shapes: every step attends over all `capacity` positions, with a
-    /// mask. Where a device's kernels pick different code for different shapes (cuBLAS,
+    /// mask, writing at a device-side offset ([`crate::model::run_stack_at`]). Where a device's kernels pick different code for different shapes (cuBLAS,
     /// flash attention), a row then gets the same bits whatever step it is computed in, which
     /// is what keeps speculative verification equal to plain decoding on the torch path
     /// (issue 7); it is also the static shape CUDA graphs need.
     pub fn set_static_shapes(&mut self, on: bool) {
-        for l in &mut self.layers {
-            l.attend_all = on;
-        }
+        self.static_shapes = on;
     }
 
     pub fn static_shapes(&self) -> bool {
-        self.layers.first().is_some_and(|l| l.attend_all)
+        self.static_shapes
     }
 
-    /// Shortens layers `range` to at most `len` positions.
-    pub fn truncate_layers(&mut self, range: std::ops::Range<usize>, len: i64) {
-        for l in &mut self.layers[range] {
-            l.len = l.len.min(len);
-        }
+    /// Positions `offset..offset + t` as a `[T]` tensor on the cache's device.
+    fn span(&self, offset: i64, t: i64) -> Tensor {
+        Tensor::arange_start(offset, offset + t, (Kind::Int64, self.pad.device()))
     }
 
     /// Rotary positions of `t` new tokens written at offset `offset`: `[B, T]`.
     pub fn positions(&self, offset: i64, t: i64) -> Tensor {
-        let dev = self.pad.device();
-        let ar = Tensor::arange_start(offset, offset + t, (Kind::Int64, dev));
-        (ar.unsqueeze(0) - self.pad.unsqueeze(1)).clamp_min(0)
+        self.positions_at(&self.span(offset, t))
     }
 
     /// The mask for [`Self::mask`], or `None` when it would allow everything: one query and no
     /// padding, the common decode step, where SDPA then takes its unmasked path.
     pub fn mask_if_needed(&self, offset: i64, t: i64) -> Option<Tensor> {
-        if self.static_shapes() {
-            Some(self.mask_over(offset, t, self.capacity))
-        } else if t == 1 && self.pad_host.iter().all(|&p| p == 0) {
+        if t == 1 && self.pad_host.iter().all(|&p| p == 0) {
             None
         } else {
             Some(self.mask(offset, t))
@@ -202,15 +193,7 @@ impl KvCache {
     /// query sees itself: a row with no allowed key would give NaN, which would then reach
     /// real rows through `0 * NaN` in the value product.
     pub fn mask(&self, offset: i64, t: i64) -> Tensor {
-        self.mask_over(offset, t, offset + t)
-    }
-
-    /// [`Self::mask`] over the first `s` key positions (`s >= offset + t`; later keys are
-    /// never allowed).
-    fn mask_over(&self, offset: i64, t: i64, s: i64) -> Tensor {
-        let dev = self.pad.device();
-        let q = Tensor::arange_start(offset, offset + t, (Kind::Int64, dev)).unsqueeze(1); // [T, 1]
-        self.mask_for(&q, s)
+        self.mask_for(&self.span(offset, t).unsqueeze(1), offset + t)
     }
 
     /// The mask for query positions `q` `[T, 1]` over the first `s` keys.

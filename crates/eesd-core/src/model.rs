@@ -125,7 +125,7 @@ impl Attention {
             cache.v.narrow(2, start, t).copy_(&v);
             cache.len = start + t;
         }
-        let visible = if cache.attend_all || slots.is_some() {
+        let visible = if slots.is_some() {
             cache.k.size()[2]
         } else {
             cache.len
@@ -319,15 +319,15 @@ pub fn run_stack(
         cache_range.clone().all(|i| cache.len(i) == offset),
         "layers of one range must share a cache length"
     );
+    if cache.static_shapes() {
+        let at = Tensor::from_slice(&[offset]).to_device(hidden.device());
+        return run_stack_at(layers, cache_range, rope, hidden, cache, offset, &at);
+    }
     assert!(
         offset + t <= cache.capacity(),
         "KV cache overflow: {offset} + {t} > {}",
         cache.capacity()
     );
-    if cache.static_shapes() {
-        let at = Tensor::from_slice(&[offset]).to_device(hidden.device());
-        return run_stack_at(layers, cache_range, rope, hidden, cache, offset, &at);
-    }
     let (cos, sin) = rope.tables(&cache.positions(offset, t));
     let mask = cache.mask_if_needed(offset, t);
     let mut x = hidden.shallow_clone();

@@ -2,6 +2,7 @@
 //! memory-bandwidth floor of this process on this machine.
 
 use eesd_core::device::synchronize;
+use eesd_core::model::Llama;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -33,6 +34,20 @@ pub fn matvec_bandwidth(device: Device, kind: Kind, n: i64, reps: usize) -> f64 
 
 /// Decode costs of a model shape with random weights, measured on `device`: what the
 /// controller's cost model sees on a real large model (EESD.md section 6; issue: GPU timings).
+/// Every weight product of one decode step, each layer's four and the LM head, over the
+/// activations `x_h` (hidden size), `x_o` (attention output) and `x_i` (intermediate size):
+/// the pass both the CPU kernel benchmark and the GPU shape benchmark time. The LM head's
+/// output is returned (a graph records the pass up to it).
+fn weight_products(model: &Llama, x_h: &Tensor, x_o: &Tensor, x_i: &Tensor) -> Tensor {
+    for l in &model.layers {
+        let _ = x_h.linear::<&Tensor>(&l.self_attn.qkv_proj, None);
+        let _ = x_o.linear::<&Tensor>(&l.self_attn.o_proj, None);
+        let _ = x_h.linear::<&Tensor>(&l.mlp.gate_up_proj, None);
+        let _ = x_i.linear::<&Tensor>(&l.mlp.down_proj, None);
+    }
+    x_h.linear::<&Tensor>(&model.lm_head, None)
+}
+
 pub mod shape {
     use crate::speculative::Engine;
     use eesd_core::device::synchronize;
@@ -110,15 +125,7 @@ pub mod shape {
         let xh = x(base.cfg.hidden_size as i64);
         let xo = x(l0.self_attn.o_proj.size()[1]);
         let xi = x(l0.mlp.down_proj.size()[1]);
-        let pass = || {
-            for l in &base.layers {
-                let _ = xh.linear::<&Tensor>(&l.self_attn.qkv_proj, None);
-                let _ = xo.linear::<&Tensor>(&l.self_attn.o_proj, None);
-                let _ = xh.linear::<&Tensor>(&l.mlp.gate_up_proj, None);
-                let _ = xi.linear::<&Tensor>(&l.mlp.down_proj, None);
-            }
-            xh.linear::<&Tensor>(&base.lm_head, None)
-        };
+        let pass = || super::weight_products(base, &xh, &xo, &xi);
         if graphs && eesd_core::cuda_graph::available(dev) {
             let _ = pass();
             synchronize(dev);
@@ -219,14 +226,9 @@ pub mod kernels {
         let i = model.cfg.intermediate_size as i64;
         let x_h = Tensor::randn([m as i64, h], (model.kind, Device::Cpu));
         let x_i = Tensor::randn([m as i64, i], (model.kind, Device::Cpu));
+        // LLaMA shapes: the attention output has the hidden size, so `x_h` feeds o_proj too.
         let pass = || {
-            for l in &model.layers {
-                let _ = x_h.linear::<&Tensor>(&l.self_attn.qkv_proj, None);
-                let _ = x_h.linear::<&Tensor>(&l.self_attn.o_proj, None);
-                let _ = x_h.linear::<&Tensor>(&l.mlp.gate_up_proj, None);
-                let _ = x_i.linear::<&Tensor>(&l.mlp.down_proj, None);
-            }
-            let _ = x_h.linear::<&Tensor>(&model.lm_head, None);
+            let _ = super::weight_products(model, &x_h, &x_h, &x_i);
         };
         pass();
         median(

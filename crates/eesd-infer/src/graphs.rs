@@ -12,7 +12,7 @@
 
 use eesd_core::cuda_graph::{self, CudaGraph};
 use eesd_core::Result;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
@@ -48,7 +48,7 @@ pub struct Graphs {
     device: Device,
     entries: RefCell<HashMap<Key, Entry>>,
     /// Replays so far (for tests and reports).
-    replays: RefCell<u64>,
+    replays: Cell<u64>,
 }
 
 impl Graphs {
@@ -59,7 +59,7 @@ impl Graphs {
             enabled: want && cuda_graph::available(device),
             device,
             entries: RefCell::new(HashMap::new()),
-            replays: RefCell::new(0),
+            replays: Cell::new(0),
         }
     }
 
@@ -68,7 +68,7 @@ impl Graphs {
     }
 
     pub fn replays(&self) -> u64 {
-        *self.replays.borrow()
+        self.replays.get()
     }
 
     /// Drops every recording (their private memory with them).
@@ -111,7 +111,7 @@ impl Graphs {
                 let (graph, output) =
                     CudaGraph::capture(self.device, || f(&input_buf, &offset_buf))?;
                 graph.replay()?;
-                *self.replays.borrow_mut() += 1;
+                self.replays.set(self.replays.get() + 1);
                 let result = output.copy();
                 self.entries.borrow_mut().insert(
                     key,
@@ -132,7 +132,7 @@ impl Graphs {
                 c.input.shallow_clone().copy_(input);
                 let _ = c.offset.shallow_clone().fill_(offset);
                 c.graph.replay()?;
-                *self.replays.borrow_mut() += 1;
+                self.replays.set(self.replays.get() + 1);
                 Ok(c.output.copy())
             }
         }
