@@ -111,6 +111,10 @@ pub struct DistillArgs {
     /// small artefact to ship, e.g. under data/heads/.
     #[arg(long)]
     pub export: Option<PathBuf>,
+    /// Only measure: evaluate the head in `--out`/checkpoint on the held-out data, print the
+    /// metrics as JSON and train nothing.
+    #[arg(long)]
+    pub eval_only: bool,
 }
 
 /// Trainer state saved next to the head, so a resumed run continues the same run.
@@ -247,6 +251,9 @@ fn evaluate(
         min_pq: f64,
         /// sum over start positions of min(run of agreements from there, K) for K = 1..8
         run_sums: [f64; 8],
+        /// positions where the base's token is among the head's k most likely, k = 1..8:
+        /// what a round offering k candidates for the first draft could accept
+        topk: [f64; 8],
     }
     let mut per: HashMap<String, Acc> = HashMap::new();
     for row in rows {
@@ -262,6 +269,16 @@ fn evaluate(
             .eq_tensor(&t_logits.argmax(-1, false));
         let agree: Vec<bool> =
             Vec::<bool>::try_from(agree.to_device(tch::Device::Cpu)).unwrap_or_default();
+        let k = 8.min(s_logits.size()[1]);
+        let (_, top8) = s_logits.topk(k, -1, true, true);
+        let hit = head
+            .token_ids(&top8.flatten(0, -1))
+            .view([-1, k])
+            .eq_tensor(&t_logits.argmax(-1, true))
+            .cumsum(-1, Kind::Int64)
+            .clamp_max(1)
+            .sum_dim_intlist(0, false, Kind::Int64);
+        let hit = Vec::<i64>::try_from(hit.to_device(tch::Device::Cpu)).unwrap_or_default();
         let min_pq = p.minimum(&q).sum(Kind::Double).double_value(&[]);
         let source = row.id.split('/').next().unwrap_or("all").to_string();
         for key in [source, "all".to_string()] {
@@ -269,6 +286,9 @@ fn evaluate(
             acc.positions += agree.len() as f64;
             acc.agree += agree.iter().filter(|&&x| x).count() as f64;
             acc.min_pq += min_pq;
+            for (t, h) in acc.topk.iter_mut().zip(&hit) {
+                *t += *h as f64;
+            }
             // Run length of agreements starting at each position: what a round drafting from
             // there would get accepted (teacher-forced estimate).
             let mut run = vec![0usize; agree.len() + 1];
@@ -294,6 +314,7 @@ fn evaluate(
                 "top1_agreement": acc.agree / pos,
                 "expected_acceptance": acc.min_pq / pos,
                 "expected_tokens_per_round_k1_to_8": tokens,
+                "topk_agreement_k1_to_8": acc.topk.iter().map(|t| t / pos).collect::<Vec<_>>(),
             }),
         );
     }
@@ -423,8 +444,16 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
     }
     eval_rows.truncate(a.eval_examples);
 
-    std::fs::create_dir_all(&a.out)?;
     let ckpt = checkpoint_dir(&a.out);
+    if a.eval_only {
+        let mut head = EarlyExitHead::load_as(&ckpt, base, &p.fingerprint, Kind::Float)
+            .with_context(|| format!("--eval-only needs a checkpoint in {}", ckpt.display()))?;
+        head.cast_lm_head(Kind::Float); // as in training
+        let e = evaluate(base, &head, head.spec.exit_layer, &eval_rows, a);
+        println!("{}", serde_json::to_string_pretty(&e)?);
+        return Ok(e);
+    }
+    std::fs::create_dir_all(&a.out)?;
     let (mut head, mut state) = if a.resume && ckpt.join("trainer.json").exists() {
         let head = EarlyExitHead::load_as(&ckpt, base, &p.fingerprint, Kind::Float)
             .with_context(|| format!("resuming from {}", ckpt.display()))?;
