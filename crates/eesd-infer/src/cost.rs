@@ -1,35 +1,33 @@
 //! The controller's cost model, measured: seconds of a draft step and of verifying k+1
-//! positions, first by a short calibration on scratch caches, then as running averages of the
-//! real rounds (EESD.md section 2: "both measured online").
+//! positions, first by a short interleaved calibration on scratch caches, then refreshed from
+//! the real rounds (EESD.md section 2: "both measured online").
 
 use crate::controller::Costs;
 use crate::speculative::{Engine, Hidden};
+use eesd_core::cache::KvCache;
 use eesd_core::device::synchronize;
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
-/// Exponential moving average.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Ema {
-    pub value: Option<f64>,
-}
-
-impl Ema {
-    const ALPHA: f64 = 0.1;
-
-    pub fn add(&mut self, x: f64) {
-        self.value = Some(match self.value {
-            None => x,
-            Some(v) => v + Self::ALPHA * (x - v),
-        });
-    }
-}
-
-/// Seconds per draft step and per verification of k+1 positions (k = 0..=k_max).
+/// Round costs as one shared machine speed times per-width relative costs, both learned
+/// online from the rounds' own timings.
+///
+/// Why not one running average of seconds per width: on a shared machine every timing
+/// drifts by 10-30% within minutes, and a width the controller stops choosing keeps
+/// whatever it last saw. One slow sample made verifying 2 positions look 1.4x a plain step,
+/// Thompson stopped drafting, that width was never timed again, and the controller stayed
+/// on plain steps for a hundred rounds (HumanEval: 44% plain rounds, against none for fixed:1).
+/// Here every timed round, whatever its width, updates the shared speed; a width's relative
+/// cost moves only by its own rounds, slowly and with outliers clipped, so drift cannot
+/// make an unchosen width look dearer or cheaper than it is.
 #[derive(Debug, Clone)]
 pub struct CostTracker {
-    pub draft_step: Ema,
-    pub verify: Vec<Ema>,
+    /// ln(seconds of a plain step) at the machine's current speed.
+    log_scale: Option<f64>,
+    /// ln(verify of k+1 positions / plain step), k = 0..=k_max; entry 0 is 0 by definition.
+    log_verify: Vec<Option<f64>>,
+    /// ln(draft step / plain step).
+    log_draft: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -38,20 +36,82 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 impl CostTracker {
+    /// Weight of one round in the shared speed: it follows drift within a few rounds.
+    const SPEED_RATE: f64 = 0.2;
+    /// Weight of one round in its width's relative cost (about 50 rounds of memory). Slow on
+    /// purpose: while only one width runs, drift and that width's relative cost cannot be told
+    /// apart, and the split is these two rates' ratio (a 1.3x slowdown seen only by width-k
+    /// rounds moves v(k) by 2%).
+    const RELATIVE_RATE: f64 = 0.02;
+    /// Largest log-residual one round may contribute (a factor of 1.5): a descheduled or
+    /// page-faulting round moves the model by at most a few percent.
+    const CLIP: f64 = 0.405;
+
     pub fn new(k_max: usize) -> Self {
+        let mut log_verify = vec![None; k_max + 1];
+        log_verify[0] = Some(0.0);
         CostTracker {
-            draft_step: Ema::default(),
-            verify: vec![Ema::default(); k_max + 1],
+            log_scale: None,
+            log_verify,
+            log_draft: None,
         }
     }
 
     pub fn k_max(&self) -> usize {
-        self.verify.len() - 1
+        self.log_verify.len() - 1
+    }
+
+    /// ln(relative verify cost) of width k: measured, else interpolated between measured
+    /// widths (flat beyond the last one).
+    fn log_verify_at(&self, k: usize) -> f64 {
+        if let Some(v) = self.log_verify[k] {
+            return v;
+        }
+        let lo = (0..k)
+            .rev()
+            .find_map(|j| self.log_verify[j].map(|v| (j, v)));
+        let hi = (k + 1..self.log_verify.len()).find_map(|j| self.log_verify[j].map(|v| (j, v)));
+        match (lo, hi) {
+            (Some((a, va)), Some((b, vb))) => va + (vb - va) * (k - a) as f64 / (b - a) as f64,
+            (Some((_, va)), None) => va,
+            (None, Some((_, vb))) => vb,
+            (None, None) => 0.0,
+        }
+    }
+
+    /// One timed round: `k` drafts at `draft_secs` each (when k > 0) and a verification of
+    /// k+1 positions that took `verify_secs`.
+    pub fn observe_round(&mut self, k: usize, draft_secs: Option<f64>, verify_secs: f64) {
+        if k > self.k_max() || verify_secs.is_nan() || verify_secs <= 0.0 {
+            return;
+        }
+        let x = verify_secs.ln();
+        let clip = |r: f64| r.clamp(-Self::CLIP, Self::CLIP);
+        let scale = match (self.log_scale, self.log_verify[k]) {
+            (None, _) => x - self.log_verify_at(k),
+            (Some(s), Some(rel)) => s + Self::SPEED_RATE * clip(x - rel - s),
+            // A width seen for the first time says nothing about the speed yet.
+            (Some(s), None) => s,
+        };
+        self.log_scale = Some(scale);
+        if k > 0 {
+            self.log_verify[k] = Some(match self.log_verify[k] {
+                None => x - scale,
+                Some(rel) => rel + Self::RELATIVE_RATE * clip(x - scale - rel),
+            });
+        }
+        if let Some(d) = draft_secs.filter(|d| *d > 0.0) {
+            let y = d.ln() - scale;
+            self.log_draft = Some(match self.log_draft {
+                None => y,
+                Some(rel) => rel + Self::RELATIVE_RATE * clip(y - rel),
+            });
+        }
     }
 
     /// Times the draft step and every verify width on scratch caches holding `context`
-    /// random tokens (median of `reps` after a warm-up), so the first round already has a
-    /// measured cost model.
+    /// random tokens (median of `reps` interleaved repetitions after a warm-up), so the first
+    /// round already has a measured cost model.
     pub fn calibrate(engine: &Engine, k_max: usize, context: i64, reps: usize) -> Self {
         let _g = tch::no_grad_guard();
         let mut t = Self::new(k_max);
@@ -76,80 +136,233 @@ impl CostTracker {
         let one = Tensor::from_slice(&[ids[0] as i64]).to_device(dev);
         // Timed the way the decode loop runs (torch single-threaded on the native path).
         let _threads = engine.decode_threads();
-        let time = |f: &mut dyn FnMut()| {
-            f(); // warm-up
+        // Every width once per repetition, interleaved, so drift during the calibration
+        // shifts all widths alike; medians over repetitions drop the outliers.
+        let timed = |f: &mut dyn FnMut()| {
             synchronize(dev);
-            median(
-                (0..reps)
-                    .map(|_| {
-                        let s = Instant::now();
-                        f();
-                        synchronize(dev);
-                        s.elapsed().as_secs_f64()
-                    })
-                    .collect(),
-            )
+            let s = Instant::now();
+            f();
+            synchronize(dev);
+            s.elapsed().as_secs_f64()
         };
-        if let Some(hc) = head_cache.as_mut() {
-            let secs = time(&mut || {
-                let h = engine.embed_lower(&one, &mut cache).expect("draft step");
-                let logits = engine.head_logits(&h, hc).expect("draft step");
-                let _ = logits.argmax(-1, false).int64_value(&[0]);
-                cache.truncate(context);
-                hc.truncate(context);
-            });
-            t.draft_step.add(secs);
+        let draft = |cache: &mut KvCache, hc: &mut KvCache| {
+            let h = engine.embed_lower(&one, cache).expect("draft step");
+            let logits = engine.head_logits(&h, hc).expect("draft step");
+            let _ = logits.argmax(-1, false).int64_value(&[0]);
+            cache.truncate(context);
+            hc.truncate(context);
+        };
+        let verify = |k: usize, cache: &mut KvCache| {
+            // Verification: [0, N) for one token, [N, L) over k+1 positions.
+            let h = engine.embed_lower(&one, cache).expect("verify");
+            let parts: Vec<Hidden> = (0..=k).map(|_| h.share()).collect();
+            let logits = engine
+                .upper_logits(&Hidden::cat(&parts), cache)
+                .expect("verify");
+            let _ = Vec::<i64>::try_from(
+                logits
+                    .argmax(-1, false)
+                    .reshape([-1])
+                    .to_device(tch::Device::Cpu),
+            );
+            cache.truncate(context);
+        };
+        let has_head = head_cache.is_some();
+        let mut draft_secs = Vec::new();
+        let mut verify_secs = vec![Vec::new(); k_max + 1];
+        for rep in 0..=reps.max(1) {
+            if let Some(hc) = head_cache.as_mut() {
+                let d = timed(&mut || draft(&mut cache, hc));
+                if rep > 0 {
+                    draft_secs.push(d); // repetition 0 is the warm-up
+                }
+            }
+            for (k, v) in verify_secs.iter_mut().enumerate() {
+                let secs = timed(&mut || verify(k, &mut cache));
+                if rep > 0 {
+                    v.push(secs);
+                }
+            }
         }
-        for k in 0..=k_max {
-            let secs = time(&mut || {
-                // Verification: [0, N) for one token, [N, L) over k+1 positions.
-                let h = engine.embed_lower(&one, &mut cache).expect("verify");
-                let parts: Vec<Hidden> = (0..=k).map(|_| h.share()).collect();
-                let logits = engine
-                    .upper_logits(&Hidden::cat(&parts), &mut cache)
-                    .expect("verify");
-                let _ = Vec::<i64>::try_from(
-                    logits
-                        .argmax(-1, false)
-                        .reshape([-1])
-                        .to_device(tch::Device::Cpu),
-                );
-                cache.truncate(context);
-            });
-            t.verify[k].add(secs);
+        let plain = median(verify_secs[0].clone());
+        t.log_scale = Some(plain.ln());
+        for (k, v) in verify_secs.into_iter().enumerate().skip(1) {
+            t.log_verify[k] = Some((median(v) / plain).ln());
+        }
+        if has_head {
+            t.log_draft = Some((median(draft_secs) / plain).ln());
         }
         t
     }
 
-    /// Costs relative to a plain step (`verify[0]`). Widths never timed are interpolated
-    /// linearly between timed ones.
+    /// Costs relative to a plain step. Widths never timed are interpolated between timed
+    /// ones; a draft step never timed is guessed at half a step.
     pub fn costs(&self) -> Costs {
-        let k_max = self.k_max();
-        let known: Vec<(usize, f64)> = self
-            .verify
-            .iter()
-            .enumerate()
-            .filter_map(|(k, e)| e.value.map(|v| (k, v)))
-            .collect();
-        let full = known.first().map(|&(_, v)| v).unwrap_or(1.0);
-        let at = |k: usize| -> f64 {
-            if let Some(&(_, v)) = known.iter().find(|(j, _)| *j == k) {
-                return v;
-            }
-            let lo = known.iter().rev().find(|(j, _)| *j < k);
-            let hi = known.iter().find(|(j, _)| *j > k);
-            match (lo, hi) {
-                (Some(&(a, va)), Some(&(b, vb))) => {
-                    va + (vb - va) * (k - a) as f64 / (b - a) as f64
-                }
-                (Some(&(_, va)), None) => va,
-                (None, Some(&(_, vb))) => vb,
-                (None, None) => full,
-            }
-        };
         Costs {
-            draft_step: self.draft_step.value.unwrap_or(0.5 * full) / full,
-            verify: (0..=k_max).map(|k| at(k) / full).collect(),
+            draft_step: self.log_draft.map_or(0.5, f64::exp),
+            verify: (0..=self.k_max())
+                .map(|k| self.log_verify_at(k).exp())
+                .collect(),
         }
+    }
+
+    /// Seconds of a plain step at the speed last seen (None before any timing).
+    pub fn plain_step_secs(&self) -> Option<f64> {
+        self.log_scale.map(f64::exp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tracker that has seen widths 0..=2 at relative costs 1, 1.05, 1.10 (plain 10 ms).
+    fn seeded() -> CostTracker {
+        let mut t = CostTracker::new(4);
+        for _ in 0..5 {
+            for (k, rel) in [(0, 1.0), (1, 1.05), (2, 1.10)] {
+                t.observe_round(k, (k > 0).then_some(0.001), 0.010 * rel);
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn first_timings_set_the_model() {
+        let c = seeded().costs();
+        assert!((c.verify[1] - 1.05).abs() < 1e-9, "{c:?}");
+        assert!((c.verify[2] - 1.10).abs() < 1e-9, "{c:?}");
+        assert!((c.draft_step - 0.1).abs() < 1e-9, "{c:?}");
+        // Widths never timed take the last timed width's cost, not a guess of their own.
+        assert!((c.verify[4] - 1.10).abs() < 1e-9, "{c:?}");
+    }
+
+    #[test]
+    fn drift_seen_only_by_plain_rounds_leaves_relative_costs_alone() {
+        // The machine slows by 40% while only plain steps run (a controller that stopped
+        // drafting): verifying 2 positions must still cost 1.05 plain steps, not 1.05 / 1.4.
+        let mut t = seeded();
+        for _ in 0..200 {
+            t.observe_round(0, None, 0.014);
+        }
+        let c = t.costs();
+        assert!((c.verify[1] - 1.05).abs() < 1e-9, "{c:?}");
+        assert!((t.plain_step_secs().unwrap() - 0.014).abs() < 1e-4);
+        // And the other way round: drift seen only by width-1 rounds moves the speed, not
+        // width 1's relative cost.
+        for _ in 0..200 {
+            t.observe_round(1, Some(0.0012), 0.0105 * 1.3);
+        }
+        let c = t.costs();
+        assert!((c.verify[1] - 1.05).abs() < 0.03, "{c:?}");
+    }
+
+    #[test]
+    fn one_slow_round_moves_the_model_by_a_few_percent() {
+        let mut t = seeded();
+        t.observe_round(0, None, 0.010);
+        t.observe_round(1, Some(0.001), 0.0105 * 3.0); // descheduled
+        let c = t.costs();
+        assert!(c.verify[1] < 1.05 * 1.01, "{c:?}");
+        assert!(
+            c.verify[1] > 1.05,
+            "the slow round still counts a little: {c:?}"
+        );
+    }
+
+    #[test]
+    fn a_real_change_in_relative_cost_is_learned() {
+        // Width 1 becomes 1.3x a plain step (say a longer context), machine speed steady:
+        // learned within a few hundred rounds of mixed widths.
+        let mut t = seeded();
+        for _ in 0..400 {
+            t.observe_round(0, None, 0.010);
+            t.observe_round(1, Some(0.001), 0.013);
+        }
+        let c = t.costs();
+        assert!((c.verify[1] - 1.3).abs() < 0.02, "{c:?}");
+    }
+
+    #[test]
+    fn untimed_widths_interpolate_between_timed_ones() {
+        let mut t = CostTracker::new(4);
+        t.observe_round(0, None, 0.010);
+        t.observe_round(4, Some(0.001), 0.014);
+        let c = t.costs();
+        assert!((c.verify[2] - (0.014f64 / 0.010).ln().mul_add(0.5, 0.0).exp()).abs() < 1e-9);
+        assert_eq!(CostTracker::new(2).costs().verify, vec![1.0, 1.0, 1.0]);
+        assert_eq!(CostTracker::new(2).costs().draft_step, 0.5);
+    }
+
+    /// Tokens per second of `controller` on a simulated machine: acceptance 0.28 per draft
+    /// (HumanEval's), true costs c = 0.126 and v = 1, 1.045, 1.096, ... (this CPU), every
+    /// timing with 10% noise, one round in 40 three times slower (descheduled), and the
+    /// machine's speed wandering by up to 1.5x over hundreds of rounds.
+    fn simulate(name: &str) -> f64 {
+        use crate::controller::{parse, Outcome, ThompsonConfig};
+        use rand::{Rng, SeedableRng};
+        use rand_distr::{Distribution, Normal};
+        let k_max = 4;
+        let true_v = [1.0, 1.045, 1.096, 1.118, 1.204];
+        let true_c = 0.126;
+        let cfg = ThompsonConfig {
+            k_max,
+            prior: (1.0 + 4.0 * 0.31, 1.0 + 4.0 * 0.69),
+            ..Default::default()
+        };
+        let mut ctrl = parse(name, &cfg).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let noise = Normal::new(0.0, 0.1).unwrap();
+        let mut model = CostTracker::new(k_max);
+        // Calibration: every width, as CostTracker::calibrate would measure it.
+        for (k, v) in true_v.iter().enumerate() {
+            model.observe_round(k, (k > 0).then_some(true_c * 0.01), v * 0.01);
+        }
+        // Every controller meets the same machine: a fixed number of draws per round, so
+        // round r has the same speed, jitter and acceptance draws whatever was chosen before.
+        let (mut tokens, mut secs, mut log_speed) = (0usize, 0.0, 0.0f64);
+        for round in 0..20_000 {
+            log_speed = (log_speed + 0.02 * noise.sample(&mut rng)).clamp(-0.2, 0.2);
+            let jitter: Vec<f64> = (0..=k_max)
+                .map(|_| {
+                    let slow = if rng.random_range(0..40) == 0 {
+                        3.0
+                    } else {
+                        1.0
+                    };
+                    0.01 * log_speed.exp() * noise.sample(&mut rng).exp() * slow
+                })
+                .collect();
+            let hits: Vec<bool> = (0..k_max).map(|_| rng.random_bool(0.28)).collect();
+            let k = ctrl.plan(&model.costs()).min(k_max);
+            let draft = jitter[1..=k].iter().map(|j| true_c * j).sum::<f64>();
+            let verify = true_v[k] * jitter[0];
+            let accepted = hits[..k].iter().take_while(|&&h| h).count();
+            let draft_per_step = (k > 0).then(|| draft / k as f64);
+            model.observe_round(k, draft_per_step, verify);
+            ctrl.observe(&Outcome {
+                drafted: k,
+                accepted,
+                confidences: &[],
+            });
+            if round >= 1000 {
+                tokens += accepted + 1;
+                secs += draft + verify;
+            }
+        }
+        tokens as f64 / secs
+    }
+
+    #[test]
+    fn thompson_keeps_up_with_the_best_fixed_length_on_a_noisy_machine() {
+        // fixed:1 is the best fixed length at this acceptance and these costs (the issue's
+        // bar: Thompson within 3% of the fastest controller), and K = 0 must not win either.
+        let fixed = simulate("fixed:1");
+        let thompson = simulate("thompson");
+        assert!(
+            thompson >= 0.97 * fixed,
+            "thompson {thompson:.1} vs fixed:1 {fixed:.1} tok/s"
+        );
+        assert!(simulate("fixed:2") < fixed && simulate("off") < fixed);
     }
 }

@@ -624,10 +624,7 @@ pub fn generate(
         };
         let verify_secs = t_verify.elapsed().as_secs_f64();
         if timed && full_verify {
-            if k > 0 {
-                costs.draft_step.add(draft_secs / k as f64);
-            }
-            costs.verify[k].add(verify_secs);
+            costs.observe_round(k, (k > 0).then(|| draft_secs / k as f64), verify_secs);
         }
 
         // Commit the accepted drafts and the base's token; roll every cache back to them.
