@@ -16,7 +16,8 @@ use tch::{Kind, Tensor};
 /// drifts by 10-30% within minutes, and a width the controller stops choosing keeps
 /// whatever it last saw. One slow sample made verifying 2 positions look 1.4x a plain step,
 /// Thompson stopped drafting, that width was never timed again, and the controller stayed
-/// on plain steps for a hundred rounds (HumanEval: 44% plain rounds, against none for fixed:1).
+/// on plain steps for dozens of rounds (a HumanEval trace on a loaded machine: 44% plain
+/// rounds, against none for fixed:1).
 /// Here every timed round, whatever its width, updates the shared speed; a width's relative
 /// cost moves only by its own rounds, slowly and with outliers clipped, so drift cannot
 /// make an unchosen width look dearer or cheaper than it is.
