@@ -138,10 +138,11 @@ impl KvCache {
     }
 
     /// Static attention shapes: every step attends over all `capacity` positions, with a
-    /// mask, writing at a device-side offset ([`crate::model::run_stack_at`]). Where a device's kernels pick different code for different shapes (cuBLAS,
-    /// flash attention), a row then gets the same bits whatever step it is computed in, which
-    /// is what keeps speculative verification equal to plain decoding on the torch path
-    /// (issue 7); it is also the static shape CUDA graphs need.
+    /// mask, writing at a device-side offset ([`crate::model::run_stack_at`]). Where a
+    /// device's kernels pick different code for different shapes (cuBLAS, flash attention), a
+    /// row then gets the same bits whatever step it is computed in, which is what keeps
+    /// speculative verification equal to plain decoding on the torch path (issue 7); it is
+    /// also the static shape CUDA graphs need.
     pub fn set_static_shapes(&mut self, on: bool) {
         self.static_shapes = on;
     }

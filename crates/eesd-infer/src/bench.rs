@@ -32,8 +32,6 @@ pub fn matvec_bandwidth(device: Device, kind: Kind, n: i64, reps: usize) -> f64 
     bytes / times[times.len() / 2]
 }
 
-/// Decode costs of a model shape with random weights, measured on `device`: what the
-/// controller's cost model sees on a real large model (EESD.md section 6; issue: GPU timings).
 /// Every weight product of one decode step, each layer's four and the LM head, over the
 /// activations `x_h` (hidden size), `x_o` (attention output) and `x_i` (intermediate size):
 /// the pass both the CPU kernel benchmark and the GPU shape benchmark time. The LM head's
@@ -48,6 +46,8 @@ fn weight_products(model: &Llama, x_h: &Tensor, x_o: &Tensor, x_i: &Tensor) -> T
     x_h.linear::<&Tensor>(&model.lm_head, None)
 }
 
+/// Decode costs of a model shape with random weights, measured on `device`: what the
+/// controller's cost model sees on a real large model (EESD.md section 6; issue: GPU timings).
 pub mod shape {
     use crate::speculative::Engine;
     use eesd_core::device::synchronize;

@@ -95,18 +95,15 @@ impl CostTracker {
             (Some(s), None) => s,
         };
         self.log_scale = Some(scale);
+        // A relative cost starts at its first sample, then moves slowly toward new ones.
+        let learn = |rel: &mut Option<f64>, sample: f64| {
+            *rel = Some(rel.map_or(sample, |r| r + Self::RELATIVE_RATE * clip(sample - r)));
+        };
         if k > 0 {
-            self.log_verify[k] = Some(match self.log_verify[k] {
-                None => x - scale,
-                Some(rel) => rel + Self::RELATIVE_RATE * clip(x - scale - rel),
-            });
+            learn(&mut self.log_verify[k], x - scale);
         }
         if let Some(d) = draft_secs.filter(|d| *d > 0.0) {
-            let y = d.ln() - scale;
-            self.log_draft = Some(match self.log_draft {
-                None => y,
-                Some(rel) => rel + Self::RELATIVE_RATE * clip(y - rel),
-            });
+            learn(&mut self.log_draft, d.ln() - scale);
         }
     }
 
@@ -168,7 +165,6 @@ impl CostTracker {
             );
             cache.truncate(context);
         };
-        let has_head = head_cache.is_some();
         let mut draft_secs = Vec::new();
         let mut verify_secs = vec![Vec::new(); k_max + 1];
         for rep in 0..=reps.max(1) {
@@ -190,7 +186,7 @@ impl CostTracker {
         for (k, v) in verify_secs.into_iter().enumerate().skip(1) {
             t.log_verify[k] = Some((median(v) / plain).ln());
         }
-        if has_head {
+        if !draft_secs.is_empty() {
             t.log_draft = Some((median(draft_secs) / plain).ln());
         }
         t

@@ -264,9 +264,10 @@ fn evaluate(
         let s_logits = student(base, head, &h, &ex).to_kind(Kind::Float);
         let q = head.to_full_vocab(&s_logits.softmax(-1, Kind::Float), vocab);
         let p = t_logits.softmax(-1, Kind::Float);
+        let t_arg = t_logits.argmax(-1, false);
         let agree = head
             .token_ids(&s_logits.argmax(-1, false))
-            .eq_tensor(&t_logits.argmax(-1, false));
+            .eq_tensor(&t_arg);
         let agree: Vec<bool> =
             Vec::<bool>::try_from(agree.to_device(tch::Device::Cpu)).unwrap_or_default();
         let k = 8.min(s_logits.size()[1]);
@@ -274,7 +275,7 @@ fn evaluate(
         let hit = head
             .token_ids(&top8.flatten(0, -1))
             .view([-1, k])
-            .eq_tensor(&t_logits.argmax(-1, true))
+            .eq_tensor(&t_arg.unsqueeze(-1))
             .cumsum(-1, Kind::Int64)
             .clamp_max(1)
             .sum_dim_intlist(0, false, Kind::Int64);
