@@ -166,3 +166,72 @@ fn static_shapes_at_a_device_offset_equal_the_dynamic_path() {
         assert!(d <= TOL, "{name} after rollback: {d:e}");
     }
 }
+
+/// The native kernels' promise that speculative verification rests on (issue 7): k+1 rows run
+/// together through every layer and the LM head give each row exactly the bits of k+1
+/// single-row steps, in every weight dtype, for head sizes on the blocked attention path (64)
+/// and off it (the fixtures').
+#[test]
+fn native_rows_together_have_the_bits_of_single_steps() {
+    use eesd_core::config::LlamaConfig;
+    use eesd_core::model::Llama;
+    use eesd_core::native::NativeModel;
+    if device() != tch::Device::Cpu {
+        return;
+    }
+    let _g = tch::no_grad_guard();
+    let mut cfg = LlamaConfig::named_shape("smollm2-135m").expect("shape");
+    (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) = (256, 512, 2);
+    (
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    ) = (4, 2, 64, 512);
+    let mut models: Vec<(String, Llama)> = Vec::new();
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        tch::manual_seed(3);
+        models.push((
+            format!("hd64 {kind:?}"),
+            Llama::random(cfg.clone(), kind, device()),
+        ));
+    }
+    for name in CASES {
+        models.push((name.to_string(), load(name)));
+    }
+    for (name, m) in &models {
+        let native = NativeModel::new(m).expect("native views");
+        let layers = m.cfg.num_layers;
+        let ids = ids(1, 40, m.cfg.vocab_size as i64, 9);
+        let host: Vec<u32> = Vec::<i64>::try_from(ids.view([-1]))
+            .unwrap()
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let (prompt, rows) = (33, 7);
+        let mut together = m.new_cache(1, 48);
+        let _ = m.forward(&ids.narrow(1, 0, prompt as i64), &mut together);
+        let mut alone = m.new_cache(1, 48);
+        let _ = m.forward(&ids.narrow(1, 0, prompt as i64), &mut alone);
+        let mut x = native.embed(&host[prompt..prompt + rows]);
+        native
+            .forward_layers(&mut x, rows, 0..layers, &mut together)
+            .unwrap();
+        let batched = native.logits(&x, rows);
+        let singles: Vec<Tensor> = (prompt..prompt + rows)
+            .map(|i| {
+                let mut x = native.embed(&host[i..i + 1]);
+                native
+                    .forward_layers(&mut x, 1, 0..layers, &mut alone)
+                    .unwrap();
+                native.logits(&x, 1)
+            })
+            .collect();
+        let singles = Tensor::cat(&singles, 0);
+        assert!(
+            batched.equal(&singles),
+            "{name}: rows together differ from single steps by {:e}",
+            max_diff(&batched, &singles)
+        );
+    }
+}

@@ -158,9 +158,10 @@ pub mod shape {
 /// 1..16 rows on the native kernels and on torch, per dtype. This is what says whether a
 /// verify of k+1 positions costs more than one step (issues 7 and 8).
 pub mod kernels {
+    use eesd_core::cache::KvCache;
     use eesd_core::config::LlamaConfig;
     use eesd_core::model::Llama;
-    use eesd_core::native::{self, Ctx, Linear};
+    use eesd_core::native::{self, Ctx, Linear, NativeModel};
     use std::time::Instant;
     use tch::{Device, Kind, Tensor};
 
@@ -219,6 +220,40 @@ pub mod kernels {
         )
     }
 
+    /// Seconds of one whole native decode pass of `m` rows after `context` cached positions:
+    /// embeddings, every layer (attention over the cache included) and the LM head, the cache
+    /// rolled back after each pass. Against [`native_pass`] this is what a verify of `m`
+    /// positions costs beyond its weight products (attention, norms, rotary, activations).
+    pub fn decode_pass(model: &Llama, m: usize, context: usize, reps: usize) -> f64 {
+        let native = NativeModel::new(model).expect("cpu weights");
+        let mut cache = KvCache::new(&model.cfg, 1, (context + m) as i64, model.kind, Device::Cpu);
+        // Random keys and values, so the scores and exponentials are those of real data.
+        for l in &mut cache.layers {
+            let _ = l.k.normal_(0.0, 1.0);
+            let _ = l.v.normal_(0.0, 1.0);
+        }
+        let layers = model.cfg.num_layers;
+        let ids: Vec<u32> = (0..m as u32).map(|i| 1 + i * 7).collect();
+        let mut pass = || {
+            cache.set_len(0..layers, context as i64);
+            let mut x = native.embed(&ids);
+            native
+                .forward_layers(&mut x, m, 0..layers, &mut cache)
+                .expect("decode pass");
+            let _ = std::hint::black_box(native.logits(&x, m));
+        };
+        pass();
+        median(
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    pass();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        )
+    }
+
     /// The same pass through torch's `linear`.
     pub fn torch_pass(model: &Llama, m: usize, reps: usize) -> f64 {
         let _g = tch::no_grad_guard();
@@ -247,6 +282,7 @@ pub mod kernels {
         cfg: &LlamaConfig,
         kinds: &[Kind],
         rows: &[usize],
+        context: usize,
         reps: usize,
     ) -> serde_json::Value {
         let ctx = Ctx::detect();
@@ -265,23 +301,28 @@ pub mod kernels {
             let model = Llama::random(cfg.clone(), kind, Device::Cpu);
             let floor = bw / (params * kind.elt_size_in_bytes() as f64);
             let mut per_rows = Vec::new();
-            let mut one = (0.0, 0.0);
-            // Interleaved: native and torch alternate for each row count.
+            let mut one = (0.0, 0.0, 0.0);
+            // Interleaved: native, torch and the whole decode pass alternate for each row count.
             for &m in rows {
                 let nat = native_pass(&model, m, reps);
                 let tor = torch_pass(&model, m, reps);
+                let dec = decode_pass(&model, m, context, reps);
                 if m == 1 {
-                    one = (nat, tor);
+                    one = (nat, tor, dec);
                 }
                 eprintln!(
-                    "{kind:?} {m:>2} rows: native {:6.2} ms (x{:.2} of 1 row), torch {:6.2} ms (x{:.2})",
+                    "{kind:?} {m:>2} rows: native {:6.2} ms (x{:.2} of 1 row), torch {:6.2} ms (x{:.2}), \
+                     decode pass at {context} {:6.2} ms (x{:.2})",
                     nat * 1e3,
                     nat / one.0.max(1e-12),
                     tor * 1e3,
-                    tor / one.1.max(1e-12)
+                    tor / one.1.max(1e-12),
+                    dec * 1e3,
+                    dec / one.2.max(1e-12),
                 );
                 per_rows.push(serde_json::json!({
                     "rows": m, "native_ms": nat * 1e3, "torch_ms": tor * 1e3,
+                    "decode_pass_ms": dec * 1e3,
                 }));
             }
             eprintln!(
@@ -294,7 +335,8 @@ pub mod kernels {
         }
         serde_json::json!({
             "stream_read_bytes_per_s": bw, "threads": ctx.pool.threads(),
-            "isa": format!("{:?}", ctx.isa), "weight_params_per_token": params, "dtypes": out,
+            "isa": format!("{:?}", ctx.isa), "weight_params_per_token": params,
+            "decode_context": context, "dtypes": out,
         })
     }
 }

@@ -56,6 +56,9 @@ struct KernelArgs {
     /// Comma-separated row counts.
     #[arg(long, default_value = "1,2,3,5,9,16")]
     rows: String,
+    /// Cached positions before the whole decode pass (attention reads them all).
+    #[arg(long, default_value_t = 512)]
+    context: usize,
     #[arg(long, default_value_t = 15)]
     reps: usize,
     #[arg(long)]
@@ -726,7 +729,7 @@ fn bench_kernels(a: KernelArgs) -> Result<()> {
                 .with_context(|| format!("bad row count `{r}` (1..=64)"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let report = eesd_infer::bench::kernels::run(&cfg, &kinds, &rows, a.reps.max(1));
+    let report = eesd_infer::bench::kernels::run(&cfg, &kinds, &rows, a.context, a.reps.max(1));
     println!("{report}");
     if let Some(path) = a.json_out {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)

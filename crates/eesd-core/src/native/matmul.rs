@@ -483,6 +483,10 @@ mod x86 {
         }
     }
 
+    /// Rows at most this long (attention's head size, not a weight matrix's) take blocks of 16
+    /// outputs reduced together by [`tree16x16`].
+    const SHORT_K: usize = 128;
+
     /// The module's tree over the 16 lanes of `v`.
     #[target_feature(enable = "avx512f")]
     #[inline]
@@ -499,6 +503,88 @@ mod x86 {
         let r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps(r8, 1));
         let r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
         _mm_cvtss_f32(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)))
+    }
+
+    /// [`tree_512`] of 16 vectors at once: output `o` is the tree of `a[o]`, bit for bit (each
+    /// step adds the same lane pairs, (l, l+8), (l, l+4), (l, l+2), (0, 1), of all 16 sums
+    /// packed into as few vectors as hold them). 45 shuffles and adds for 16 outputs instead of
+    /// about 9 instructions each: where rows are short (attention scores over a 64-wide head),
+    /// the reduction, not the dot product, was most of the work.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tree16x16(a: &[__m512; 16]) -> __m512 {
+        // Lanes l and l+8: vector i holds the 8 partial sums of a[2i] then of a[2i+1].
+        let mut b = [_mm512_setzero_ps(); 8];
+        for (i, v) in b.iter_mut().enumerate() {
+            let (x, y) = (a[2 * i], a[2 * i + 1]);
+            *v = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+            );
+        }
+        // Lanes l and l+4: vector i holds quarters a[4i], a[4i+1], a[4i+2], a[4i+3].
+        let mut c = [_mm512_setzero_ps(); 4];
+        for (i, v) in c.iter_mut().enumerate() {
+            let (x, y) = (b[2 * i], b[2 * i + 1]);
+            *v = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            );
+        }
+        // Lanes l and l+2: quarter q of vector i holds a[8i+q] (2 lanes), then a[8i+4+q].
+        let mut d = [_mm512_setzero_ps(); 2];
+        for (i, v) in d.iter_mut().enumerate() {
+            let (x, y) = (c[2 * i], c[2 * i + 1]);
+            *v = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(x, y),
+                _mm512_shuffle_ps::<0b11_10_11_10>(x, y),
+            );
+        }
+        // Lanes 0 and 1: lane 4q + t holds output q + 4t; put them in order.
+        let e = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(d[0], d[1]),
+            _mm512_shuffle_ps::<0b11_01_11_01>(d[0], d[1]),
+        );
+        let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(idx, e)
+    }
+
+    /// Writes the tree of each accumulator, `acc[o][r]` to `y[r0 + r, j + o]`: 16 at a time
+    /// through [`tree16x16`], the rest one by one (the same bits either way).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store_sums<const NO: usize, const NR: usize>(
+        acc: &[[__m512; NR]; NO],
+        y: *mut f32,
+        n: usize,
+        r0: usize,
+        j: usize,
+    ) {
+        let at = |g: usize| (r0 + g % NR) * n + j + g / NR;
+        if NO == 16 && NR == 1 {
+            let mut a = [_mm512_setzero_ps(); 16];
+            for (v, acc_o) in a.iter_mut().zip(acc) {
+                *v = acc_o[0];
+            }
+            _mm512_storeu_ps(y.add(at(0)), tree16x16(&a));
+            return;
+        }
+        let mut g0 = 0;
+        while g0 + 16 <= NO * NR {
+            let mut a = [_mm512_setzero_ps(); 16];
+            for (i, v) in a.iter_mut().enumerate() {
+                *v = acc[(g0 + i) / NR][(g0 + i) % NR];
+            }
+            let mut sums = [0f32; 16];
+            _mm512_storeu_ps(sums.as_mut_ptr(), tree16x16(&a));
+            for (i, s) in sums.iter().enumerate() {
+                *y.add(at(g0 + i)) = *s;
+            }
+            g0 += 16;
+        }
+        for g in g0..NO * NR {
+            *y.add(at(g)) = tree_512(acc[g / NR][g % NR]);
+        }
     }
 
     /// NO consecutive outputs from `j` times NR rows from `r0`. No closures here: they would
@@ -550,11 +636,7 @@ mod x86 {
                 }
             }
         }
-        for (o, acc_o) in acc.iter().enumerate() {
-            for (r, a) in acc_o.iter().enumerate() {
-                *y.add((r0 + r) * w.n + j + o) = tree_512(*a);
-            }
-        }
+        store_sums(&acc, y, w.n, r0, j);
     }
 
     #[target_feature(enable = "avx512f")]
@@ -588,6 +670,14 @@ mod x86 {
         cols: std::ops::Range<usize>,
     ) {
         let mut j = cols.start;
+        if w.k <= SHORT_K {
+            while j + 16 <= cols.end {
+                for r in 0..m {
+                    block_512::<K, 16, 1>(x, w, j, r, y);
+                }
+                j += 16;
+            }
+        }
         if m == 1 {
             // One row: more outputs per block keep enough FMA chains in flight.
             while j + 8 <= cols.end {
@@ -687,11 +777,7 @@ mod x86 {
                 }
             }
         }
-        for (o, acc_o) in acc.iter().enumerate() {
-            for (r, a) in acc_o.iter().enumerate() {
-                *y.add((r0 + r) * w.n + j + o) = tree_512(*a);
-            }
-        }
+        store_sums(&acc, y, w.n, r0, j);
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -730,6 +816,14 @@ mod x86 {
         cols: std::ops::Range<usize>,
     ) {
         let mut j = cols.start;
+        if w.k <= SHORT_K {
+            while j + 16 <= cols.end {
+                for r in 0..m {
+                    block_dp512::<16, 1>(xb, kp, w, j, r, y);
+                }
+                j += 16;
+            }
+        }
         if m <= 2 {
             while j + 8 <= cols.end {
                 match m {
@@ -1183,7 +1277,14 @@ mod tests {
     fn rows_are_batch_invariant_and_isa_independent() {
         let pool = Pool::new(2);
         for kind in [WKind::F32, WKind::Bf16, WKind::F16] {
-            for (n, k) in [(37, 45), (64, 576), (200, 96), (13, 16), (1000, 130)] {
+            for (n, k) in [
+                (37, 45),
+                (64, 576),
+                (200, 96),
+                (13, 16),
+                (1000, 130),
+                (517, 64),
+            ] {
                 let buf = weights(kind, n, k, (n * k) as u32);
                 let w = unsafe { WeightView::new(buf.as_ptr(), kind, n, k) };
                 let x = inputs(16, k);

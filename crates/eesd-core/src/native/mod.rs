@@ -250,8 +250,13 @@ impl CacheView {
 
 /// Causal attention of `t` query rows at positions `offset..offset + t` over the cache's
 /// first `offset + t` positions. `q` `[t, heads * hd]` (rotated), out `[t, heads * hd]`.
-/// Each (row, head) is computed on its own, in a fixed order: scores by the matmul kernel,
-/// max, exponentials and their sum, then the value rows accumulated in position order.
+///
+/// One task per head takes all `t` rows, so a verify reads each head's keys and values once
+/// (not once per row) and blocks its rows in registers. Each (row, head) result is still one
+/// fixed order, whatever `t`: every score is its own dot product by the matmul kernel (a row
+/// alone or with others gets the same bits), then max, exponentials and their sum over the
+/// row's own `offset + i + 1` positions, then the value rows accumulated in position order
+/// ([`simd::weighted_rows`]).
 fn attention(
     ctx: &Ctx,
     d: &Dims,
@@ -264,39 +269,54 @@ fn attention(
     let (nh, hd) = (d.heads, d.head_dim);
     let group = nh / d.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let tasks = t * nh;
+    let total = offset + t;
     let outp = SendPtr(out.as_mut_ptr());
-    let threads = ctx.pool.threads().min(tasks);
+    let threads = ctx.pool.threads().min(nh);
     let job = |tid: usize| {
         if tid >= threads {
             return;
         }
-        let mut scores = vec![0f32; offset + t];
-        for task in pool::split(tasks, threads, 1, tid) {
-            let (i, h) = (task / nh, task % nh);
+        let mut qh = vec![0f32; t * hd];
+        let mut scores = vec![0f32; t * total];
+        let mut sums = vec![0f32; t];
+        let mut oh = vec![0f32; t * hd];
+        let lens: Vec<usize> = (0..t).map(|i| offset + i + 1).collect();
+        for h in pool::split(nh, threads, 1, tid) {
             let g = h / group;
-            let len = offset + i + 1;
-            // SAFETY: rows 0..len of kv head g are inside the cache (len <= capacity) and
+            for i in 0..t {
+                qh[i * hd..][..hd].copy_from_slice(&q[(i * nh + h) * hd..][..hd]);
+            }
+            // SAFETY: rows 0..total of kv head g are inside the cache (total <= capacity) and
             // were written before this call; the view is read-only here.
-            let keys = unsafe { WeightView::new(cv.row(cv.k, g, 0, hd), cv.kind, len, hd) };
-            let qrow = &q[(i * nh + h) * hd..][..hd];
-            matmul::matmul_single(ctx.isa, qrow, 1, &keys, &mut scores[..len]);
-            let s = &mut scores[..len];
-            let mut max = f32::NEG_INFINITY;
-            for v in s.iter_mut() {
-                *v *= scale;
-                max = max.max(*v);
+            let keys = unsafe { WeightView::new(cv.row(cv.k, g, 0, hd), cv.kind, total, hd) };
+            // Row i's scores past its own position are computed and ignored (causal mask).
+            matmul::matmul_single(ctx.isa, &qh, t, &keys, &mut scores);
+            for (i, sum) in sums.iter_mut().enumerate() {
+                let s = &mut scores[i * total..][..lens[i]];
+                let mut max = f32::NEG_INFINITY;
+                for v in s.iter_mut() {
+                    *v *= scale;
+                    max = max.max(*v);
+                }
+                *sum = simd::exp_sum(ctx.isa, s, max);
             }
-            let sum = simd::exp_sum(ctx.isa, s, max);
-            // SAFETY: each task owns its [hd] slice of `out`.
-            let o = unsafe { std::slice::from_raw_parts_mut(outp.at((i * nh + h) * hd), hd) };
-            o.fill(0.0);
-            for (j, &p) in s.iter().enumerate() {
-                unsafe { simd::axpy(ctx.isa, o, p, cv.row(cv.v, g, j, hd), cv.kind) };
-            }
-            let inv = 1.0 / sum;
-            for v in o.iter_mut() {
-                *v *= inv;
+            // SAFETY: value rows 0..total of kv head g are contiguous and written; `scores`
+            // holds t rows of `total`.
+            unsafe {
+                let values = simd::ValueRows {
+                    ptr: cv.row(cv.v, g, 0, hd),
+                    kind: cv.kind,
+                    hd,
+                };
+                simd::weighted_rows(ctx.isa, &mut oh, &scores, total, &lens, &values)
+            };
+            for (i, sum) in sums.iter().enumerate() {
+                let inv = 1.0 / sum;
+                // SAFETY: the task for head h alone writes the [hd] slices of head h.
+                let o = unsafe { std::slice::from_raw_parts_mut(outp.at((i * nh + h) * hd), hd) };
+                for (o, v) in o.iter_mut().zip(&oh[i * hd..][..hd]) {
+                    *o = v * inv;
+                }
             }
         }
     };

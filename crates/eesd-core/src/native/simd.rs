@@ -84,6 +84,60 @@ fn silu_ref(g: f32) -> f32 {
     g / (1.0 + exp_ref(-g))
 }
 
+/// Value rows of one KV head in the cache: `[*, hd]` elements of `kind` from `ptr`.
+pub struct ValueRows {
+    pub ptr: *const u8,
+    pub kind: WKind,
+    pub hd: usize,
+}
+
+/// Attention's weighted sum of value rows for several query rows at once:
+/// `out[r, d] = sum_{j < lens[r]} p[r * p_stride + j] v[j, d]`, each element accumulated from
+/// zero by one fma per position in position order: exactly [`axpy`] called for
+/// `j = 0, 1, ...` on a zeroed row, so a query row gets the same bits alone or with others
+/// (issue 7), however the rows are blocked.
+///
+/// # Safety
+/// `v` must hold `max(lens)` readable rows; `out` is `[lens.len(), hd]`.
+pub unsafe fn weighted_rows(
+    isa: Isa,
+    out: &mut [f32],
+    p: &[f32],
+    p_stride: usize,
+    lens: &[usize],
+    v: &ValueRows,
+) {
+    let (rows, hd) = (lens.len(), v.hd);
+    assert_eq!(out.len(), rows * hd, "out is [rows, hd]");
+    for (r, &len) in lens.iter().enumerate() {
+        assert!(len == 0 || r * p_stride + len <= p.len(), "p holds row {r}");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx) && hd.is_multiple_of(64) {
+        let o = out.as_mut_ptr();
+        for r0 in (0..rows).step_by(4) {
+            let n = (rows - r0).min(4);
+            let (ls, pr, o) = (&lens[r0..r0 + n], &p[r0 * p_stride..], o.add(r0 * hd));
+            for col in (0..hd).step_by(64) {
+                match n {
+                    1 => x86::weighted_rows_512::<1>(o, col, pr, p_stride, ls, v),
+                    2 => x86::weighted_rows_512::<2>(o, col, pr, p_stride, ls, v),
+                    3 => x86::weighted_rows_512::<3>(o, col, pr, p_stride, ls, v),
+                    _ => x86::weighted_rows_512::<4>(o, col, pr, p_stride, ls, v),
+                }
+            }
+        }
+        return;
+    }
+    for (r, (o, &len)) in out.chunks_mut(hd).zip(lens).enumerate() {
+        o.fill(0.0);
+        for j in 0..len {
+            let row = v.ptr.add(j * hd * v.kind.bytes());
+            axpy(isa, o, p[r * p_stride + j], row, v.kind);
+        }
+    }
+}
+
 /// `acc[d] = fma(a, v[d], acc[d])` for a row `v` of `acc.len()` elements of `kind` (a value
 /// row of the KV cache).
 ///
@@ -227,6 +281,57 @@ mod x86 {
         }
     }
 
+    /// [`super::weighted_rows`] for `R` rows (1..=4) and the 64 columns from `col`: 4 R
+    /// accumulators stay in registers over every position (the per-position [`axpy`] round
+    /// trip through memory was the latency bound of attention), each value chunk is loaded
+    /// once for all R rows, and each element still takes one fma per position in order.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weighted_rows_512<const R: usize>(
+        out: *mut f32,
+        col: usize,
+        p: &[f32],
+        p_stride: usize,
+        lens: &[usize],
+        v: &ValueRows,
+    ) {
+        let (hd, kind) = (v.hd, v.kind);
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let lo = lens[..R].iter().copied().min().unwrap_or(0);
+        let hi = lens[..R].iter().copied().max().unwrap_or(0);
+        let row = |j: usize| v.ptr.add((j * hd + col) * kind.bytes());
+        for j in 0..lo {
+            let vr = row(j);
+            let vv = [
+                load16_512(vr, kind, 0),
+                load16_512(vr, kind, 16),
+                load16_512(vr, kind, 32),
+                load16_512(vr, kind, 48),
+            ];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let pr = _mm512_set1_ps(*p.get_unchecked(r * p_stride + j));
+                for c in 0..4 {
+                    a[c] = _mm512_fmadd_ps(pr, vv[c], a[c]);
+                }
+            }
+        }
+        for j in lo..hi {
+            let vr = row(j);
+            for (r, a) in acc.iter_mut().enumerate() {
+                if j < lens[r] {
+                    let pr = _mm512_set1_ps(*p.get_unchecked(r * p_stride + j));
+                    for (c, ac) in a.iter_mut().enumerate() {
+                        *ac = _mm512_fmadd_ps(pr, load16_512(vr, kind, 16 * c), *ac);
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (c, ac) in a.iter().enumerate() {
+                _mm512_storeu_ps(out.add(r * hd + col + 16 * c), *ac);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn axpy_512(acc: &mut [f32], a: f32, v: *const u8, kind: WKind) {
         let av = _mm512_set1_ps(a);
@@ -354,6 +459,64 @@ mod tests {
                 "exp({x}) = {got}, want {want}"
             );
             x += 0.0137;
+        }
+    }
+
+    /// The blocked kernel equals per-position [`axpy`] bit for bit, for every row count and
+    /// row lengths that differ (causal rows of one verify), in each value dtype.
+    #[test]
+    fn weighted_rows_equal_repeated_axpy() {
+        let (hd, len) = (128, 77);
+        let vals: Vec<f32> = (0..len * hd)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.013)
+            .collect();
+        let bf: Vec<u16> = vals
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect();
+        let hf: Vec<u16> = vals
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_bits())
+            .collect();
+        let srcs: [(*const u8, WKind); 3] = [
+            (vals.as_ptr() as *const u8, WKind::F32),
+            (bf.as_ptr() as *const u8, WKind::Bf16),
+            (hf.as_ptr() as *const u8, WKind::F16),
+        ];
+        let stride = len + 3;
+        let p: Vec<f32> = (0..9 * stride)
+            .map(|i| ((i * 31 % 97) as f32) / 97.0)
+            .collect();
+        for (v, kind) in srcs {
+            for rows in 1..=9 {
+                let lens: Vec<usize> = (0..rows).map(|r| len - 8 + r).collect();
+                let mut want = vec![0f32; rows * hd];
+                for r in 0..rows {
+                    let o = &mut want[r * hd..][..hd];
+                    for j in 0..lens[r] {
+                        unsafe {
+                            axpy(
+                                Isa::Scalar,
+                                o,
+                                p[r * stride + j],
+                                v.add(j * hd * kind.bytes()),
+                                kind,
+                            )
+                        };
+                    }
+                }
+                for isa in Isa::all_available() {
+                    let mut got = vec![f32::NAN; rows * hd];
+                    let rows_v = ValueRows { ptr: v, kind, hd };
+                    unsafe { weighted_rows(isa, &mut got, &p, stride, &lens, &rows_v) };
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{isa:?} {kind:?} {rows} rows"
+                    );
+                }
+            }
         }
     }
 
