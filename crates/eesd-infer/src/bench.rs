@@ -301,12 +301,21 @@ pub mod kernels {
             let model = Llama::random(cfg.clone(), kind, Device::Cpu);
             let floor = bw / (params * kind.elt_size_in_bytes() as f64);
             let mut per_rows = Vec::new();
+            // Interleaved: every row count and contender takes a turn in each round (3 passes,
+            // their median), and the rounds' medians are reported, so a ratio between row counts
+            // compares passes minutes apart at most, not a drift of the shared machine.
+            let rounds = reps.div_ceil(3).max(3);
+            let mut times = vec![[Vec::new(), Vec::new(), Vec::new()]; rows.len()];
+            for _ in 0..rounds {
+                for (&m, t) in rows.iter().zip(times.iter_mut()) {
+                    t[0].push(native_pass(&model, m, 3));
+                    t[1].push(torch_pass(&model, m, 3));
+                    t[2].push(decode_pass(&model, m, context, 3));
+                }
+            }
             let mut one = (0.0, 0.0, 0.0);
-            // Interleaved: native, torch and the whole decode pass alternate for each row count.
-            for &m in rows {
-                let nat = native_pass(&model, m, reps);
-                let tor = torch_pass(&model, m, reps);
-                let dec = decode_pass(&model, m, context, reps);
+            for (&m, t) in rows.iter().zip(times) {
+                let [nat, tor, dec] = t.map(median);
                 if m == 1 {
                     one = (nat, tor, dec);
                 }

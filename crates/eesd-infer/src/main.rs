@@ -59,6 +59,7 @@ struct KernelArgs {
     /// Cached positions before the whole decode pass (attention reads them all).
     #[arg(long, default_value_t = 512)]
     context: usize,
+    /// Passes per contender and row count, taken in interleaved rounds of 3.
     #[arg(long, default_value_t = 15)]
     reps: usize,
     #[arg(long)]
