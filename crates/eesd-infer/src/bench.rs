@@ -46,30 +46,32 @@ fn weight_products(model: &Llama, x_h: &Tensor, x_o: &Tensor, x_i: &Tensor) -> T
     x_h.linear::<&Tensor>(&model.lm_head, None)
 }
 
+/// Median seconds of `reps` calls of `f` on `dev` (synchronised around each), after one
+/// untimed call that pays first-touch costs.
+fn median_secs(reps: usize, dev: Device, mut f: impl FnMut()) -> f64 {
+    f();
+    synchronize(dev);
+    let mut v: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            synchronize(dev);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 /// Decode costs of a model shape with random weights, measured on `device`: what the
 /// controller's cost model sees on a real large model (EESD.md section 6; issue: GPU timings).
 pub mod shape {
+    use super::median_secs;
     use crate::speculative::Engine;
     use eesd_core::device::synchronize;
     use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec};
     use eesd_core::model::Llama;
-    use std::time::Instant;
     use tch::{Kind, Tensor};
-
-    fn median_secs(reps: usize, dev: tch::Device, mut f: impl FnMut()) -> f64 {
-        f();
-        synchronize(dev);
-        let mut v: Vec<f64> = (0..reps)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                synchronize(dev);
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    }
 
     /// Plain decode seconds per token after a `context`-token prompt (median over `steps`),
     /// through the decode engine's torch path (the path CUDA runs), with or without CUDA
@@ -158,11 +160,11 @@ pub mod shape {
 /// 1..16 rows on the native kernels and on torch, per dtype. This is what says whether a
 /// verify of k+1 positions costs more than one step (issues 7 and 8).
 pub mod kernels {
+    use super::median_secs;
     use eesd_core::cache::KvCache;
     use eesd_core::config::LlamaConfig;
     use eesd_core::model::Llama;
     use eesd_core::native::{self, Ctx, Linear, NativeModel};
-    use std::time::Instant;
     use tch::{Device, Kind, Tensor};
 
     pub fn median(mut v: Vec<f64>) -> f64 {
@@ -208,16 +210,7 @@ pub mod kernels {
                 l.forward(&ctx, &x[..m * k], m, &mut y[..m * n]);
             }
         };
-        pass(&mut y);
-        median(
-            (0..reps)
-                .map(|_| {
-                    let t = Instant::now();
-                    pass(&mut y);
-                    t.elapsed().as_secs_f64()
-                })
-                .collect(),
-        )
+        median_secs(reps, Device::Cpu, || pass(&mut y))
     }
 
     /// Seconds of one whole native decode pass of `m` rows after `context` cached positions:
@@ -234,7 +227,7 @@ pub mod kernels {
         }
         let layers = model.cfg.num_layers;
         let ids: Vec<u32> = (0..m as u32).map(|i| 1 + i * 7).collect();
-        let mut pass = || {
+        let pass = || {
             cache.set_len(0..layers, context as i64);
             let mut x = native.embed(&ids);
             native
@@ -242,16 +235,7 @@ pub mod kernels {
                 .expect("decode pass");
             let _ = std::hint::black_box(native.logits(&x, m));
         };
-        pass();
-        median(
-            (0..reps)
-                .map(|_| {
-                    let t = Instant::now();
-                    pass();
-                    t.elapsed().as_secs_f64()
-                })
-                .collect(),
-        )
+        median_secs(reps, Device::Cpu, pass)
     }
 
     /// The same pass through torch's `linear`.
@@ -265,16 +249,7 @@ pub mod kernels {
         let pass = || {
             let _ = super::weight_products(model, &x_h, &x_h, &x_i);
         };
-        pass();
-        median(
-            (0..reps)
-                .map(|_| {
-                    let t = Instant::now();
-                    pass();
-                    t.elapsed().as_secs_f64()
-                })
-                .collect(),
-        )
+        median_secs(reps, Device::Cpu, pass)
     }
 
     /// Every measurement for `cfg` as JSON (also printed as a table on stderr).
