@@ -1,6 +1,7 @@
 //! The decode benchmark's measurements that live in Rust: our plain decode rate and the
 //! memory-bandwidth floor of this process on this machine.
 
+use crate::stats::median;
 use eesd_core::device::synchronize;
 use eesd_core::model::Llama;
 use std::time::Instant;
@@ -18,7 +19,7 @@ pub fn matvec_bandwidth(device: Device, kind: Kind, n: i64, reps: usize) -> f64 
         let _ = w.mv(&x);
     }
     synchronize(device);
-    let mut times: Vec<f64> = (0..reps)
+    let times: Vec<f64> = (0..reps)
         .map(|_| {
             let t = Instant::now();
             let y = w.mv(&x);
@@ -28,8 +29,7 @@ pub fn matvec_bandwidth(device: Device, kind: Kind, n: i64, reps: usize) -> f64 
             dt
         })
         .collect();
-    times.sort_by(|a, b| a.total_cmp(b));
-    bytes / times[times.len() / 2]
+    bytes / median(times)
 }
 
 /// Every weight product of one decode step, each layer's four and the LM head, over the
@@ -51,16 +51,16 @@ fn weight_products(model: &Llama, x_h: &Tensor, x_o: &Tensor, x_i: &Tensor) -> T
 fn median_secs(reps: usize, dev: Device, mut f: impl FnMut()) -> f64 {
     f();
     synchronize(dev);
-    let mut v: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            synchronize(dev);
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                synchronize(dev);
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
 }
 
 /// Decode costs of a model shape with random weights, measured on `device`: what the
@@ -161,64 +161,39 @@ pub mod shape {
 /// verify of k+1 positions costs more than one step (issues 7 and 8).
 pub mod kernels {
     use super::median_secs;
+    use crate::stats::median;
     use eesd_core::cache::KvCache;
     use eesd_core::config::LlamaConfig;
     use eesd_core::model::Llama;
     use eesd_core::native::{self, Ctx, Linear, NativeModel};
     use tch::{Device, Kind, Tensor};
 
-    pub fn median(mut v: Vec<f64>) -> f64 {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    }
-
-    /// Seconds of one pass of every weight product of `model` over `m` rows, native kernels.
-    pub fn native_pass(model: &Llama, m: usize, reps: usize) -> f64 {
-        let ctx = Ctx::detect();
-        let mut mats: Vec<Linear> = Vec::new();
-        for l in &model.layers {
-            for t in [
-                &l.self_attn.qkv_proj,
-                &l.self_attn.o_proj,
-                &l.mlp.gate_up_proj,
-                &l.mlp.down_proj,
-            ] {
-                mats.push(Linear::new(t).expect("cpu weights"));
-            }
-        }
-        mats.push(Linear::new(&model.lm_head).expect("cpu weights"));
-        let k_max = model.cfg.intermediate_size.max(model.cfg.hidden_size);
-        let x: Vec<f32> = (0..m * k_max).map(|i| (i % 17) as f32 * 0.01).collect();
+    /// Seconds of one pass of every weight product of `native`'s model over `m` rows.
+    pub fn native_pass(native: &NativeModel, m: usize, reps: usize) -> f64 {
+        let mats: Vec<&Linear> = native.linears().collect();
+        let k_max = mats.iter().map(|l| l.in_features()).max().unwrap_or(0);
         let n_max = mats.iter().map(|l| l.out_features()).max().unwrap_or(0);
+        let x: Vec<f32> = (0..m * k_max).map(|i| (i % 17) as f32 * 0.01).collect();
         let mut y = vec![0f32; m * n_max];
-        let shapes: Vec<(usize, usize)> = [
-            &model.layers[0].self_attn.qkv_proj,
-            &model.layers[0].self_attn.o_proj,
-            &model.layers[0].mlp.gate_up_proj,
-            &model.layers[0].mlp.down_proj,
-        ]
-        .iter()
-        .map(|t| (t.size()[0] as usize, t.size()[1] as usize))
-        .collect();
-        let pass = |y: &mut Vec<f32>| {
-            for (i, l) in mats.iter().enumerate() {
-                let (n, k) = if i + 1 == mats.len() {
-                    (l.out_features(), model.cfg.hidden_size)
-                } else {
-                    shapes[i % 4]
-                };
-                l.forward(&ctx, &x[..m * k], m, &mut y[..m * n]);
+        median_secs(reps, Device::Cpu, || {
+            for l in &mats {
+                let (n, k) = (l.out_features(), l.in_features());
+                l.forward(&native.ctx, &x[..m * k], m, &mut y[..m * n]);
             }
-        };
-        median_secs(reps, Device::Cpu, || pass(&mut y))
+        })
     }
 
     /// Seconds of one whole native decode pass of `m` rows after `context` cached positions:
     /// embeddings, every layer (attention over the cache included) and the LM head, the cache
     /// rolled back after each pass. Against [`native_pass`] this is what a verify of `m`
     /// positions costs beyond its weight products (attention, norms, rotary, activations).
-    pub fn decode_pass(model: &Llama, m: usize, context: usize, reps: usize) -> f64 {
-        let native = NativeModel::new(model).expect("cpu weights");
+    pub fn decode_pass(
+        model: &Llama,
+        native: &NativeModel,
+        m: usize,
+        context: usize,
+        reps: usize,
+    ) -> f64 {
         let mut cache = KvCache::new(&model.cfg, 1, (context + m) as i64, model.kind, Device::Cpu);
         // Random keys and values, so the scores and exponentials are those of real data.
         for l in &mut cache.layers {
@@ -274,6 +249,8 @@ pub mod kernels {
         for &kind in kinds {
             tch::manual_seed(0);
             let model = Llama::random(cfg.clone(), kind, Device::Cpu);
+            // Built once per dtype: on AMX CPUs it holds a packed copy of every weight.
+            let native = NativeModel::new(&model).expect("cpu weights");
             let floor = bw / (params * kind.elt_size_in_bytes() as f64);
             let mut per_rows = Vec::new();
             // Interleaved: every row count and contender takes a turn in each round (3 passes,
@@ -283,9 +260,9 @@ pub mod kernels {
             let mut times = vec![[Vec::new(), Vec::new(), Vec::new()]; rows.len()];
             for _ in 0..rounds {
                 for (&m, t) in rows.iter().zip(times.iter_mut()) {
-                    t[0].push(native_pass(&model, m, 3));
+                    t[0].push(native_pass(&native, m, 3));
                     t[1].push(torch_pass(&model, m, 3));
-                    t[2].push(decode_pass(&model, m, context, 3));
+                    t[2].push(decode_pass(&model, &native, m, context, 3));
                 }
             }
             let mut one = (0.0, 0.0, 0.0);

@@ -4,6 +4,7 @@
 
 use crate::controller::Costs;
 use crate::speculative::{Engine, Hidden};
+use crate::stats::median;
 use eesd_core::cache::KvCache;
 use eesd_core::device::synchronize;
 use std::time::Instant;
@@ -29,11 +30,6 @@ pub struct CostTracker {
     log_verify: Vec<Option<f64>>,
     /// ln(draft step / plain step).
     log_draft: Option<f64>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 impl CostTracker {

@@ -2,6 +2,12 @@
 
 use serde::Serialize;
 
+/// The middle value of `v` (the upper one of an even count); `v` must not be empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 fn ratio(a: usize, b: usize) -> f64 {
     if b == 0 {
         0.0

@@ -77,6 +77,10 @@ impl Linear {
         self.view.n
     }
 
+    pub fn in_features(&self) -> usize {
+        self.view.k
+    }
+
     /// `y [m, n] = x [m, k] W^T`.
     pub fn forward(&self, ctx: &Ctx, x: &[f32], m: usize, y: &mut [f32]) {
         matmul(ctx.pool, ctx.isa, x, m, &self.view, y);
@@ -188,6 +192,13 @@ impl Layer {
             gate_up: Linear::new(&l.mlp.gate_up_proj)?,
             down: Linear::new(&l.mlp.down_proj)?,
         })
+    }
+}
+
+impl Layer {
+    /// The layer's weight matrices in the order a step reads them.
+    fn linears(&self) -> [&Linear; 4] {
+        [&self.qkv, &self.o, &self.gate_up, &self.down]
     }
 }
 
@@ -515,6 +526,16 @@ impl NativeModel {
     /// Final norm + LM head: logits `[t, V]` (f32).
     pub fn logits(&self, x: &[f32], t: usize) -> Tensor {
         self.output.logits(&self.ctx, x, t)
+    }
+
+    /// Every weight matrix a decode step reads, in step order: each layer's four, then the
+    /// LM head (the kernel benchmark times them alone).
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.stack
+            .layers
+            .iter()
+            .flat_map(Layer::linears)
+            .chain([&self.output.lm_head])
     }
 }
 
