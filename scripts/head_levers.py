@@ -11,8 +11,8 @@ committed position and for the first draft of a round. Reported: teacher-forced 
 top-k agreement with the base's argmax on held-out answer tokens (k = 1..8).
 
 usage (project root, venv):
-  python scripts/head_levers.py features data/teacher/smollm2-135m/sharegpt-ref F/ref.pt 384
-  python scripts/head_levers.py features data/teacher/smollm2-135m/heldout-bf16 F/heldout.pt 512
+  python scripts/head_levers.py features data/teacher/smollm2-135m/sharegpt-ref F/ref.pt 384 [STRIDE [f32|bf16]]
+  python scripts/head_levers.py features data/teacher/smollm2-135m/heldout-bf16 F/heldout.pt 512 [1 [f32|bf16]]
   python scripts/head_levers.py train --train F/ref.pt --eval F/heldout.pt --epochs 0.6 [--layers 2] [--fin 1]
 """
 import argparse, glob, json, math, sys, time
@@ -22,13 +22,15 @@ MODEL = "data/models/smollm2-135m-instruct"
 HEAD = "data/heads/smollm2-135m-instruct/head.safetensors"
 
 
-def features(src, out, maxseq):
+def features(src, out, maxseq, stride=1, dtype="bf16"):
     import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16).eval()
+    # f32 runs faster than bf16 on CPUs without AMX; the states are stored in bf16 either way.
+    m = AutoModelForCausalLM.from_pretrained(MODEL, dtype=dict(bf16=torch.bfloat16, f32=torch.float32)[dtype]).eval()
     rows = []
     for f in sorted(glob.glob(src + "/*.parquet")):
         rows += pq.read_table(f, columns=["id", "prompt_ids", "response_ids"]).to_pylist()
+    rows = rows[::stride]  # every stride-th conversation: a subset spread over the corpus
     seqs = []
     for r in rows:
         ids = (list(r["prompt_ids"]) + list(r["response_ids"]))[:maxseq]
@@ -48,7 +50,7 @@ def features(src, out, maxseq):
             for k, j in enumerate(batch):
                 n = len(seqs[j][1])
                 res[j] = dict(id=seqs[j][0], ids=torch.tensor(seqs[j][1]), P=seqs[j][2],
-                              h4=o.hidden_states[4][k, :n].clone(), fin=o.hidden_states[-1][k, :n].clone(),
+                              h4=o.hidden_states[4][k, :n].to(torch.bfloat16), fin=o.hidden_states[-1][k, :n].to(torch.bfloat16),
                               arg=o.logits[k, :n].argmax(-1))
                 done += n
             print(f"{i}/{len(seqs)} sequences, {done} tokens, {done / (time.time() - t0):.0f} tok/s", flush=True)
@@ -138,12 +140,44 @@ def train(a):
             e = evaluate(); log.append(dict(step=step, loss=loss.item(), eval=e))
             print(f"step {step} loss {loss.item():.3f} all {e['all'][:4]} gsm {e['gsm8k'][0]} he {e['humaneval'][0]} mt {e['mtbench'][0]} ({time.time() - t0:.0f} s)", flush=True)
             if a.out: json.dump(dict(args=vars(a), log=log), open(a.out, "w"))
+    if a.export:
+        export(a, head, vocab, log)
+
+
+def export(a, head, vocab, log):
+    """Writes the trained head as an eesd head folder (head.safetensors in f16, head.json), the
+    format eesd-train exports and eesd-infer loads; the spec's base fields come from the
+    committed head, which shares the base and the draft vocabulary."""
+    import os
+    from safetensors.torch import save_file
+    names = dict(n1="input_layernorm", n2="post_attention_layernorm", q="self_attn.q_proj",
+                 k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+                 g="mlp.gate_proj", u="mlp.up_proj", d="mlp.down_proj")
+    out = {}
+    for j, l in enumerate(head.layers):
+        for short, hf in names.items():
+            m = getattr(l, short)
+            out[f"layers.{j}.{hf}.weight"] = (m.g if short.startswith("n") else m).detach()
+    out["norm.weight"] = head.nf.g.detach()
+    if a.fin:
+        out["final_state.norm.weight"] = head.fn.g.detach()
+        out["final_state.proj.weight"] = head.fp.detach()
+    out = {k: v.to(torch.float16).contiguous() for k, v in out.items()}
+    out["draft_vocab"] = vocab.contiguous()
+    spec = json.load(open(HEAD.replace("head.safetensors", "head.json")))
+    spec.update(head_layers=a.layers, final_state_input=bool(a.fin), init="exit-layer",
+                step=log[-1]["step"], metrics=dict(probe_eval=log[-1]["eval"]),
+                training=dict(trainer="scripts/head_levers.py", args=vars(a)))
+    os.makedirs(a.export, exist_ok=True)
+    save_file(out, os.path.join(a.export, "head.safetensors"))
+    json.dump(spec, open(os.path.join(a.export, "head.json"), "w"), indent=2)
+    print(f"exported the head to {a.export}", flush=True)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "features":
         torch.set_num_threads(2)
-        features(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        features(sys.argv[2], sys.argv[3], int(sys.argv[4]), *(int(x) if x.isdigit() else x for x in sys.argv[5:]))
         sys.exit(0)
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd", choices=["train"])
@@ -152,4 +186,5 @@ if __name__ == "__main__":
     ap.add_argument("--epochs", type=float, default=0.6); ap.add_argument("--bs", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3); ap.add_argument("--eval-every", type=int, default=110)
     ap.add_argument("--out", default=None); ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--export", default=None, help="also write the head as an eesd head folder")
     train(ap.parse_args())

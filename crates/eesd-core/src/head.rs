@@ -50,6 +50,10 @@ pub struct HeadSpec {
     pub lm_head: LmHeadMode,
     /// V_d when the draft predicts only the V_d most frequent teacher tokens.
     pub draft_vocab_size: Option<usize>,
+    /// The head also reads the verifier's final state (after the model's norm) of the
+    /// previous position, through [`FinalStateInput`]. Heads without the field predate it.
+    #[serde(default)]
+    pub final_state_input: bool,
     pub base_fingerprint: String,
     pub hidden_size: usize,
     pub vocab_size: usize,
@@ -71,6 +75,7 @@ impl HeadSpec {
             init: HeadInit::LastLayer,
             lm_head: LmHeadMode::Shared,
             draft_vocab_size: None,
+            final_state_input: false,
             base_fingerprint: fingerprint.to_string(),
             hidden_size: base.cfg.hidden_size,
             vocab_size: base.cfg.vocab_size,
@@ -116,9 +121,42 @@ impl HeadSpec {
     }
 }
 
+/// What the head adds to its input at position t when it reads the verifier's final state of
+/// position t-1: `proj(norm(f))`, zero-initialised so a new one changes nothing until trained.
+///
+/// Why: layer N alone knows little of what the deep layers concluded, and the verifier has
+/// already computed, for every committed position and for a round's first draft, the state the
+/// base's own LM head reads. A draft later in a chain has no verified state for the position
+/// before it and reads the head's own normed output there instead (the same space: both feed
+/// the same LM head). This is the lever issue 7 names; `scripts/head_levers.py` measured it.
+pub struct FinalStateInput {
+    pub norm: RmsNorm,
+    /// `[H, H]`.
+    pub proj: Tensor,
+}
+
+impl FinalStateInput {
+    /// `[B, T, H]` previous-position final states -> the `[B, T, H]` addition to the head input.
+    pub fn forward(&self, prev_final: &Tensor) -> Tensor {
+        self.norm
+            .forward(&prev_final.to_kind(self.proj.kind()))
+            .linear::<&Tensor>(&self.proj, None)
+    }
+}
+
+/// `[B, T, H]` final states of positions 0..T -> those of positions -1..T-1 (zeros first): what
+/// each position's head input reads.
+pub fn previous_positions(finals: &Tensor) -> Tensor {
+    let t = finals.size()[1];
+    let zero = finals.narrow(1, 0, 1).zeros_like();
+    Tensor::cat(&[&zero, &finals.narrow(1, 0, t - 1)], 1)
+}
+
 pub struct EarlyExitHead {
     pub spec: HeadSpec,
     pub layers: Vec<DecoderLayer>,
+    /// Present when `spec.final_state_input`.
+    pub final_state: Option<FinalStateInput>,
     pub norm: RmsNorm,
     /// `[V_d, H]`: the own LM head, or the base's rows for the draft vocabulary.
     lm_head: Option<Tensor>,
@@ -166,9 +204,21 @@ impl EarlyExitHead {
             LmHeadMode::Own => Some(Self::base_rows(base, vocab_map.as_ref()).copy()),
             LmHeadMode::Shared => None,
         };
+        let final_state = spec.final_state_input.then(|| {
+            let w = &base.norm.weight;
+            let h = base.cfg.hidden_size as i64;
+            FinalStateInput {
+                norm: RmsNorm {
+                    weight: w.ones_like(),
+                    eps: base.norm.eps,
+                },
+                proj: Tensor::zeros([h, h], (w.kind(), w.device())),
+            }
+        });
         let mut head = EarlyExitHead {
             spec,
             layers,
+            final_state,
             norm,
             lm_head: own,
             vocab_map,
@@ -238,9 +288,18 @@ impl EarlyExitHead {
             LmHeadMode::Own => Some(w.get("lm_head.weight", &[vd, h as i64])?),
             LmHeadMode::Shared => None,
         };
+        let final_state = if spec.final_state_input {
+            Some(FinalStateInput {
+                norm: RmsNorm::load(&w, "final_state.norm", h, base.cfg.rms_norm_eps)?,
+                proj: w.get("final_state.proj.weight", &[h as i64, h as i64])?,
+            })
+        } else {
+            None
+        };
         let mut head = EarlyExitHead {
             spec,
             layers,
+            final_state,
             norm,
             lm_head: own,
             vocab_map,
@@ -256,6 +315,13 @@ impl EarlyExitHead {
             out.extend(l.named_tensors(&format!("layers.{j}")));
         }
         out.push(("norm.weight".into(), self.norm.weight.shallow_clone()));
+        if let Some(f) = &self.final_state {
+            out.push((
+                "final_state.norm.weight".into(),
+                f.norm.weight.shallow_clone(),
+            ));
+            out.push(("final_state.proj.weight".into(), f.proj.shallow_clone()));
+        }
         if self.spec.lm_head == LmHeadMode::Own {
             if let Some(w) = &self.lm_head {
                 out.push(("lm_head.weight".into(), w.shallow_clone()));
@@ -336,32 +402,49 @@ impl EarlyExitHead {
         )
     }
 
-    /// Layer-N hidden states `[B, T, H]` -> head hidden states `[B, T, H]` (before the norm).
-    pub fn forward_hidden(&self, base: &Llama, hidden: &Tensor, cache: &mut KvCache) -> Tensor {
+    /// The head's input: layer-N states `[B, T, H]`, plus, for a head that reads them, the
+    /// base's final states of the previous positions `[B, T, H]` (`None`: zeros).
+    pub fn input(&self, hidden: &Tensor, prev_final: Option<&Tensor>) -> Tensor {
+        match (&self.final_state, prev_final) {
+            (Some(f), Some(prev)) => hidden + f.forward(prev).to_kind(hidden.kind()),
+            _ => hidden.shallow_clone(),
+        }
+    }
+
+    /// Layer-N hidden states `[B, T, H]` (and the previous positions' final states, see
+    /// [`Self::input`]) -> head hidden states `[B, T, H]` (before the norm).
+    pub fn forward_hidden(
+        &self,
+        base: &Llama,
+        hidden: &Tensor,
+        prev_final: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Tensor {
         run_stack(
             &self.layers,
             0..self.layers.len(),
             &base.rope,
-            hidden,
+            &self.input(hidden, prev_final),
             cache,
         )
     }
 
-    /// [`Self::forward`] over a static-shape head cache at a device offset (see
-    /// [`crate::model::run_stack_at`]): what a CUDA graph of the draft step records.
-    pub fn forward_at(
+    /// The head's layers and norm over a static-shape head cache at a device offset (see
+    /// [`crate::model::run_stack_at`]): what a CUDA graph of the draft step records. Returns
+    /// the normed states `[B, T, H]` ([`Self::normed_logits`] makes logits of them).
+    pub fn forward_normed_at(
         &self,
         base: &Llama,
-        hidden: &Tensor,
+        input: &Tensor,
         cache: &mut KvCache,
         offset: i64,
         offset_dev: &Tensor,
     ) -> Tensor {
-        self.logits(&run_stack_at(
+        self.norm.forward(&run_stack_at(
             &self.layers,
             0..self.layers.len(),
             &base.rope,
-            hidden,
+            input,
             cache,
             offset,
             offset_dev,
@@ -370,16 +453,24 @@ impl EarlyExitHead {
 
     /// Head hidden states -> draft logits `[B, T, V_d]` in f32.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        self.normed_logits(&self.norm.forward(hidden))
+    }
+
+    /// The head's normed states -> draft logits `[B, T, V_d]` in f32.
+    pub fn normed_logits(&self, normed: &Tensor) -> Tensor {
         let w = self.lm_head.as_ref().expect("lm head bound at load");
-        self.norm
-            .forward(hidden)
-            .linear::<&Tensor>(w, None)
-            .to_kind(Kind::Float)
+        normed.linear::<&Tensor>(w, None).to_kind(Kind::Float)
     }
 
     /// Layer-N hidden states `[B, T, H]` -> draft logits `[B, T, V_d]`; the head cache grows by T.
-    pub fn forward(&self, base: &Llama, hidden: &Tensor, cache: &mut KvCache) -> Tensor {
-        self.logits(&self.forward_hidden(base, hidden, cache))
+    pub fn forward(
+        &self,
+        base: &Llama,
+        hidden: &Tensor,
+        prev_final: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        self.logits(&self.forward_hidden(base, hidden, prev_final, cache))
     }
 
     /// Draft-vocabulary probabilities `[B, V_d]` -> full-vocabulary `[B, V]` (zero elsewhere).
@@ -409,6 +500,10 @@ impl EarlyExitHead {
             v.extend(l.tensors_mut());
         }
         v.push(&mut self.norm.weight);
+        if let Some(f) = &mut self.final_state {
+            v.push(&mut f.norm.weight);
+            v.push(&mut f.proj);
+        }
         if self.spec.lm_head == LmHeadMode::Own {
             if let Some(w) = &mut self.lm_head {
                 v.push(w);

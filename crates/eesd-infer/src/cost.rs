@@ -141,7 +141,8 @@ impl CostTracker {
         };
         let draft = |cache: &mut KvCache, hc: &mut KvCache| {
             let h = engine.embed_lower(&one, cache).expect("draft step");
-            let logits = engine.head_logits(&h, hc).expect("draft step");
+            // `h` stands in for the previous final state: a head that reads one pays for it.
+            let (logits, _) = engine.head_logits(&h, Some(&h), hc).expect("draft step");
             let _ = logits.argmax(-1, false).int64_value(&[0]);
             cache.truncate(context);
             hc.truncate(context);

@@ -77,6 +77,20 @@ impl Hidden {
         }
     }
 
+    /// Row `i` alone.
+    pub fn row(&self, i: usize) -> Hidden {
+        match self {
+            Hidden::Torch(t) => Hidden::Torch(t.narrow(1, i as i64, 1)),
+            Hidden::Native { data, rows } => {
+                let h = data.len() / rows;
+                Hidden::Native {
+                    data: data[i * h..(i + 1) * h].to_vec(),
+                    rows: 1,
+                }
+            }
+        }
+    }
+
     /// Concatenation along positions.
     pub fn cat(parts: &[Hidden]) -> Hidden {
         match parts.first() {
@@ -287,22 +301,39 @@ impl<'a> Engine<'a> {
     /// The prompt through every layer and, given its cache, the head, always in torch (its
     /// GEMMs suit long prompts; decode steps then run on the engine's kernels, so every
     /// position is computed the same way by plain and speculative decoding): the logits of the
-    /// last position `[1, V]`.
+    /// last position `[1, V]` and its final state after the norm (one row, what a head with
+    /// the final-state input reads for the next position).
     pub fn prefill(
         &self,
         prompt: &[u32],
         cache: &mut KvCache,
         head_cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Hidden)> {
         let b = self.base;
         let ids = ids_tensor(prompt, b.device);
         let h_n = b.forward_layers(&b.embed(&ids), 0..self.exit_layer, cache);
-        if let (Some(head), Some(hc)) = (self.head, head_cache) {
-            let _ = head.forward_hidden(b, &h_n, hc);
-        }
         let h = b.forward_layers(&h_n, self.exit_layer..b.num_layers(), cache);
-        Ok(b.logits(&b.final_norm(&h.select(1, -1).unsqueeze(1)))
-            .squeeze_dim(1))
+        if let (Some(head), Some(hc)) = (self.head, head_cache) {
+            let prev = head
+                .final_state
+                .as_ref()
+                .map(|_| eesd_core::head::previous_positions(&b.final_norm(&h)));
+            let _ = head.forward_hidden(b, &h_n, prev.as_ref(), hc);
+        }
+        let last = b.final_norm(&h.select(1, -1).unsqueeze(1));
+        let logits = b.logits(&last).squeeze_dim(1);
+        Ok((logits, self.hidden_of(&last)))
+    }
+
+    /// A torch `[1, T, H]` tensor as this engine's kind of hidden states.
+    fn hidden_of(&self, t: &Tensor) -> Hidden {
+        if self.native.is_none() {
+            return Hidden::Torch(t.shallow_clone());
+        }
+        let rows = t.size()[1] as usize;
+        let flat = t.to_kind(Kind::Float).reshape([-1]).to_device(Device::Cpu);
+        let data = Vec::<f32>::try_from(flat).expect("f32 rows");
+        Hidden::Native { data, rows }
     }
 
     /// One token (`[1]` i64) embedded and run through `[0, N)`: its layer-N state.
@@ -346,6 +377,12 @@ impl<'a> Engine<'a> {
 
     /// Layer-N states through `[N, L)`, final norm and LM head: logits `[T, V]` (f32).
     pub fn upper_logits(&self, h: &Hidden, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.upper(h, cache)?.0)
+    }
+
+    /// [`Self::upper_logits`] and the final states after the norm (`T` rows), which a head
+    /// with the final-state input reads at the next positions.
+    pub fn upper(&self, h: &Hidden, cache: &mut KvCache) -> Result<(Tensor, Hidden)> {
         let b = self.base;
         let range = self.exit_layer..b.num_layers();
         match (h, &self.native) {
@@ -365,52 +402,103 @@ impl<'a> Engine<'a> {
                     t.shallow_clone()
                 };
                 let pool = cache.pool_id;
-                let logits = self
+                // The graph ends at the final norm; the LM head runs after it, on the same
+                // shape in plain steps and verification alike.
+                let normed = self
                     .graphs
                     .run(Unit::Upper, pool, &padded, start, |x, off| {
-                        let out = b.forward_layers_at(x, range.clone(), cache, start, off);
-                        b.logits(&b.final_norm(&out)).squeeze_dim(0)
+                        b.final_norm(&b.forward_layers_at(x, range.clone(), cache, start, off))
                     })?;
+                let logits = b.logits(&normed).squeeze_dim(0);
                 // The padding rows came after the real ones (causal: they changed nothing);
                 // drop their cache entries.
                 cache.set_len(range, start + rows);
-                Ok(logits.narrow(0, 0, rows))
+                Ok((
+                    logits.narrow(0, 0, rows),
+                    Hidden::Torch(normed.narrow(1, 0, rows)),
+                ))
             }
-            (Hidden::Torch(t), None) => Ok(b
-                .logits(&b.final_norm(&b.forward_layers(t, range, cache)))
-                .squeeze_dim(0)),
+            (Hidden::Torch(t), None) => {
+                let normed = b.final_norm(&b.forward_layers(t, range, cache));
+                Ok((b.logits(&normed).squeeze_dim(0), Hidden::Torch(normed)))
+            }
             (Hidden::Native { data, rows }, Some(n)) => {
                 let mut x = data.clone();
                 n.model.forward_layers(&mut x, *rows, range, cache)?;
-                Ok(n.model.logits(&x, *rows))
+                let (logits, normed) = n.model.logits_and_normed(&x, *rows);
+                Ok((
+                    logits,
+                    Hidden::Native {
+                        data: normed,
+                        rows: *rows,
+                    },
+                ))
             }
             _ => Err(Error::Input("hidden states of another engine".into())),
         }
     }
 
     /// Layer-N states through the head (filling its cache): draft logits of the last row,
-    /// `[1, V_d]` (f32).
-    pub fn head_logits(&self, h: &Hidden, head_cache: &mut KvCache) -> Result<Tensor> {
+    /// `[1, V_d]` (f32), and that row's normed head state. `prev`: the base's final states of
+    /// the positions before these rows (same row count), read by a head with the final-state
+    /// input (`None`: zeros; ignored by other heads).
+    pub fn head_logits(
+        &self,
+        h: &Hidden,
+        prev: Option<&Hidden>,
+        head_cache: &mut KvCache,
+    ) -> Result<(Tensor, Hidden)> {
         let head = self
             .head
             .ok_or_else(|| Error::Input("drafting needs a head".into()))?;
+        let prev = if head.final_state.is_some() {
+            prev
+        } else {
+            None
+        };
         match (h, &self.native) {
-            (Hidden::Torch(t), None) if head_cache.static_shapes() => {
-                let start = head_cache.len(0);
-                let (rows, e) = (t.size()[1], head.layers.len());
-                let pool = head_cache.pool_id;
-                let logits = self.graphs.run(Unit::Head, pool, t, start, |x, off| {
-                    head.forward_at(self.base, x, head_cache, start, off)
-                        .select(1, -1)
-                })?;
-                head_cache.set_len(0..e, start + rows);
-                Ok(logits)
+            (Hidden::Torch(t), None) => {
+                let prev = match prev {
+                    Some(Hidden::Torch(p)) => Some(p),
+                    Some(_) => return Err(Error::Input("hidden states of another engine".into())),
+                    None => None,
+                };
+                let input = head.input(t, prev);
+                let normed = if head_cache.static_shapes() {
+                    let start = head_cache.len(0);
+                    let (rows, e) = (t.size()[1], head.layers.len());
+                    let pool = head_cache.pool_id;
+                    let normed = self.graphs.run(Unit::Head, pool, &input, start, |x, off| {
+                        head.forward_normed_at(self.base, x, head_cache, start, off)
+                            .narrow(1, rows - 1, 1)
+                    })?;
+                    head_cache.set_len(0..e, start + rows);
+                    normed
+                } else {
+                    let hidden = head.forward_hidden(self.base, &input, None, head_cache);
+                    head.norm
+                        .forward(&hidden.narrow(1, hidden.size()[1] - 1, 1))
+                };
+                let logits = head.normed_logits(&normed).squeeze_dim(1);
+                Ok((logits, Hidden::Torch(normed)))
             }
-            (Hidden::Torch(t), None) => Ok(head.forward(self.base, t, head_cache).select(1, -1)),
             (Hidden::Native { data, rows }, Some(n)) => {
                 let nh = n.head.as_ref().expect("native head built with the engine");
+                let prev = match prev {
+                    Some(Hidden::Native { data, .. }) => Some(data.as_slice()),
+                    Some(_) => return Err(Error::Input("hidden states of another engine".into())),
+                    None => None,
+                };
                 let mut x = data.clone();
-                nh.forward_last(&n.model, &mut x, *rows, head_cache)
+                let (logits, normed) =
+                    nh.forward_last(&n.model, &mut x, *rows, prev, head_cache)?;
+                Ok((
+                    logits,
+                    Hidden::Native {
+                        data: normed,
+                        rows: 1,
+                    },
+                ))
             }
             _ => Err(Error::Input("hidden states of another engine".into())),
         }
@@ -438,6 +526,8 @@ pub struct Prologue {
     pub stats: DecodeStats,
     /// The first new token, chosen from the prefill's logits: `[1]` i64 on the device.
     pub first: Tensor,
+    /// The final state (after the norm) of the prompt's last position, which chose `first`.
+    pub last_final: Hidden,
 }
 
 impl Engine<'_> {
@@ -463,7 +553,7 @@ impl Engine<'_> {
         };
         synchronize(self.base.device);
         let t0 = Instant::now();
-        let logits = self.prefill(prompt, &mut cache, head_cache.as_mut())?;
+        let (logits, last_final) = self.prefill(prompt, &mut cache, head_cache.as_mut())?;
         let first = opts.sampling.select(&logits);
         let stats = DecodeStats {
             prompt_tokens: prompt.len(),
@@ -475,6 +565,7 @@ impl Engine<'_> {
             head_cache,
             stats,
             first,
+            last_final,
         }))
     }
 }
@@ -506,6 +597,7 @@ pub fn generate(
         mut head_cache,
         mut stats,
         first,
+        last_final,
     }) = engine.prologue(prompt, g, true)?
     else {
         return Ok(Generation::empty(p_len));
@@ -513,6 +605,12 @@ pub fn generate(
     let mut ids: Vec<u32> = Vec::with_capacity(g.max_new_tokens);
     let mut pending = first.int64_value(&[0]) as u32;
     let mut head_backlog: Vec<Hidden> = Vec::new();
+    // A head with the final-state input reads, with each layer-N state, the base's final state
+    // of the position before it: `prev_final` is the one before `pending` (the state whose
+    // logits chose it), `backlog_prev` matches `head_backlog` row for row.
+    let reads_finals = engine.head.is_some_and(|h| h.final_state.is_some());
+    let mut prev_final = last_final;
+    let mut backlog_prev: Vec<Hidden> = Vec::new();
 
     let _threads = engine.decode_threads();
     let t_decode = Instant::now();
@@ -551,13 +649,23 @@ pub fn generate(
         let mut confidences: Vec<f32> = Vec::new();
         let mut input = Tensor::from_slice(&[pending as i64]).to_device(device);
         if let (Some(head), Some(hc)) = (engine.head, head_cache.as_mut()) {
+            // The state before the next draft's input: verified for `pending`, the head's own
+            // normed output (its stand-in) for the drafts after it.
+            let mut before = prev_final.share();
             for i in 1..=planned {
                 let h = engine.embed_lower(&input, &mut cache)?;
                 head_backlog.push(h.share());
                 lower_states.push(h);
                 let backlog = Hidden::cat(&head_backlog);
                 head_backlog.clear();
-                let draft_logits = engine.head_logits(&backlog, hc)?; // [1, V_d]
+                let prev = reads_finals.then(|| {
+                    backlog_prev.push(before.share());
+                    let p = Hidden::cat(&backlog_prev);
+                    backlog_prev.clear();
+                    p
+                });
+                let (draft_logits, normed) = engine.head_logits(&backlog, prev.as_ref(), hc)?; // [1, V_d]
+                before = normed;
                 let q = (!sampling.is_greedy() || controller.wants_confidence())
                     .then(|| sampling.probs(&draft_logits));
                 let idx = match (&q, sampling.is_greedy()) {
@@ -604,7 +712,7 @@ pub fn generate(
             let h = engine.embed_lower(&input, &mut cache)?;
             lower_states.push(h);
         }
-        let logits = engine.upper_logits(&Hidden::cat(&lower_states), &mut cache)?; // [k+1, V]
+        let (logits, finals) = engine.upper(&Hidden::cat(&lower_states), &mut cache)?; // [k+1, V]
         let draft_ids = if k > 0 {
             Tensor::cat(&drafts, 0)
         } else {
@@ -647,9 +755,21 @@ pub fn generate(
             // backlog; the head runs them with its next draft step.
             let backlog_len: i64 = head_backlog.iter().map(|t| t.rows() as i64).sum();
             let covered = (hc.len(0) + backlog_len - committed_before) as usize;
-            for h in lower_states.iter().take(1 + a).skip(covered) {
+            for (j, h) in lower_states.iter().enumerate().take(1 + a).skip(covered) {
                 head_backlog.push(h.share());
+                if reads_finals {
+                    // Verified now: row j's previous position is `pending`'s predecessor
+                    // (j = 0) or verified row j - 1.
+                    backlog_prev.push(if j == 0 {
+                        prev_final.share()
+                    } else {
+                        finals.row(j - 1)
+                    });
+                }
             }
+        }
+        if reads_finals {
+            prev_final = finals.row(a);
         }
         stats.record_round(k, a);
         controller.observe(&Outcome {

@@ -45,7 +45,7 @@ fn drive(engine: &Engine, prompt: &[u32], steps: usize) -> Vec<(Tensor, Tensor)>
     let dev = engine.base.device;
     let mut cache = engine.new_cache(prompt.len(), steps + 8);
     let mut hc = engine.new_head_cache(cache.capacity()).expect("a head");
-    let first = engine.prefill(prompt, &mut cache, Some(&mut hc)).unwrap();
+    let first = engine.prefill(prompt, &mut cache, Some(&mut hc)).unwrap().0;
     let mut token = first.argmax(-1, false);
     let mut out = Vec::new();
     for step in 0..steps {
@@ -56,7 +56,7 @@ fn drive(engine: &Engine, prompt: &[u32], steps: usize) -> Vec<(Tensor, Tensor)>
         for r in 0..rows {
             let h = engine.embed_lower(&token, &mut cache).unwrap();
             if r == 0 {
-                draft = engine.head_logits(&h, &mut hc).unwrap();
+                draft = engine.head_logits(&h, None, &mut hc).unwrap().0;
             }
             states.push(h);
             token = (&token + 7 * (r as i64 + 1)).remainder(engine.base.cfg.vocab_size as i64);

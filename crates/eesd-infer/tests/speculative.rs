@@ -7,7 +7,7 @@ use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec};
 use eesd_core::model::Llama;
 use eesd_core::sampling::SamplingParams;
 use eesd_core::weights::Weights;
-use eesd_infer::controller::{parse, ThompsonConfig};
+use eesd_infer::controller::{parse, Controller, Costs, Next, Outcome, ThompsonConfig};
 use eesd_infer::cost::CostTracker;
 use eesd_infer::plain::{self, GenerateOptions};
 use eesd_infer::speculative::{generate, Engine, Kernels, SpecOptions};
@@ -83,6 +83,141 @@ fn head(base: &Llama, init: HeadInit, exit: usize, vocab: Option<&[u32]>) -> Ear
     EarlyExitHead::init(base, spec, vocab).unwrap()
 }
 
+/// A head that also reads the previous position's final state, its projection random (a
+/// trained one is; a new one is zero and would read nothing).
+fn final_state_head(base: &Llama) -> EarlyExitHead {
+    tch::manual_seed(43);
+    let mut spec = HeadSpec::for_base(base, "test", 1);
+    spec.init = HeadInit::Random;
+    spec.final_state_input = true;
+    let mut h = EarlyExitHead::init(base, spec, None).unwrap();
+    let f = h.final_state.as_mut().unwrap();
+    f.proj = f.proj.randn_like() * 0.5;
+    h
+}
+
+/// The head's first-draft distribution at every position of `seq`, teacher-forced in one
+/// torch pass (what the trainer optimises): argmax and top-1 probability per position.
+fn teacher_forced_drafts(base: &Llama, head: &EarlyExitHead, seq: &[u32]) -> (Vec<i64>, Vec<f32>) {
+    let _g = tch::no_grad_guard();
+    let ids: Vec<i64> = seq.iter().map(|&t| t as i64).collect();
+    let ids = Tensor::from_slice(&ids).to_device(base.device).unsqueeze(0);
+    let n = head.spec.exit_layer;
+    let mut cache = base.new_cache(1, seq.len() as i64);
+    let h = base.forward_layers(&base.embed(&ids), 0..n, &mut cache);
+    let finals = base.final_norm(&base.forward_layers(&h, n..base.num_layers(), &mut cache));
+    let prev = eesd_core::head::previous_positions(&finals);
+    let mut hc = head.new_cache(base, 1, seq.len() as i64);
+    let probs = head
+        .forward(base, &h, Some(&prev), &mut hc)
+        .squeeze_dim(0)
+        .softmax(-1, Kind::Float)
+        .to_device(Device::Cpu);
+    let (top, arg) = probs.max_dim(-1, false);
+    (
+        Vec::<i64>::try_from(arg).unwrap(),
+        Vec::<f32>::try_from(top).unwrap(),
+    )
+}
+
+/// One draft per round, recording each draft's top-1 probability.
+struct Recorder(Vec<f32>);
+
+impl Controller for Recorder {
+    fn plan(&mut self, _: &Costs) -> usize {
+        1
+    }
+    fn wants_confidence(&self) -> bool {
+        true
+    }
+    fn after_draft(&mut self, _: usize, confidence: f32, _: &Costs) -> Next {
+        self.0.push(confidence);
+        Next::Continue
+    }
+    fn observe(&mut self, _: &Outcome) {}
+    fn name(&self) -> String {
+        "recorder".into()
+    }
+}
+
+/// The decoder feeds a final-state head the states it was trained on: with one draft per
+/// round, each draft's distribution is the teacher-forced one at the pending position (the
+/// prompt's final states come from the prefill, later ones from each verification, whether
+/// the round's draft was accepted or not), and the final states do change it.
+#[test]
+fn a_final_state_head_reads_the_verified_states_of_the_previous_positions() {
+    let _turn = rng_turn();
+    let base = load("gqa_tied_headdim");
+    // A replica of the base (N = L - 1, a copy of the last layer), perturbed through the
+    // final-state input: most drafts are accepted, some are not.
+    let l = base.num_layers();
+    tch::manual_seed(44);
+    let mut spec = HeadSpec::for_base(&base, "test", l - 1);
+    spec.final_state_input = true;
+    let mut head = EarlyExitHead::init(&base, spec, None).unwrap();
+    let f = head.final_state.as_mut().unwrap();
+    f.proj = f.proj.randn_like() * 0.2;
+    let max_new = 24;
+    let o = opts(max_new, SamplingParams::default());
+    let (mut rejected, mut accepted) = (0, 0);
+    for kernels in [Kernels::Native, Kernels::Torch] {
+        let plain_engine = Engine::with_kernels(&base, None, kernels).unwrap();
+        let engine = Engine::with_kernels(&base, Some(&head), kernels).unwrap();
+        let mut costs = CostTracker::new(1);
+        for p in prompts(&base, 6) {
+            let want = plain::generate(&plain_engine, &p, &o.gen, |_| {})
+                .unwrap()
+                .ids;
+            let mut rec = Recorder(Vec::new());
+            let got = generate(&engine, &p, &o, &mut rec, &mut costs, |_| {}).unwrap();
+            assert_eq!(got.ids, want, "{kernels:?}");
+            let seq: Vec<u32> = p.iter().chain(&want).copied().collect();
+            let (arg, top) = teacher_forced_drafts(&base, &head, &seq);
+            // Replay the rounds: pending is generated token n - 1 (sequence index i); a draft
+            // equal to the next token is accepted and skips it.
+            let (mut n, mut round) = (1, 0);
+            while n < want.len() && max_new - n > 1 {
+                let i = p.len() + n - 1;
+                let conf = rec.0[round];
+                assert!(
+                    (conf - top[i]).abs() < 1e-4,
+                    "{kernels:?}, round {round}: draft probability {conf}, teacher-forced {}",
+                    top[i]
+                );
+                if arg[i] == seq[i + 1] as i64 {
+                    accepted += 1;
+                    n += 1;
+                } else {
+                    rejected += 1;
+                }
+                n += 1;
+                round += 1;
+            }
+            assert_eq!(rec.0.len(), round, "{kernels:?}: rounds that drafted");
+        }
+    }
+    assert!(
+        accepted > 0 && rejected > 0,
+        "{accepted} accepted, {rejected} rejected drafts"
+    );
+    // The final states matter: without them the same head drafts with other probabilities,
+    // by far more than the tolerance above (1e-4).
+    let seq = &prompts(&base, 1)[0];
+    let with = teacher_forced_drafts(&base, &head, seq).1;
+    let mut blind = head;
+    blind.final_state = None;
+    let without = teacher_forced_drafts(&base, &blind, seq).1;
+    let gap = with
+        .iter()
+        .zip(&without)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        gap > 1e-3,
+        "the final states moved a draft probability by {gap} at most"
+    );
+}
+
 fn prompts(base: &Llama, n: usize) -> Vec<Vec<u32>> {
     tch::manual_seed(7);
     (0..n)
@@ -132,6 +267,7 @@ fn greedy_equals_plain(model: &str, kernels: Kernels, kind: Kind) {
         let top: Vec<u32> = (0..64).collect();
         let heads = [
             ("random", head(&base, HeadInit::Random, 1, None)),
+            ("final-state input", final_state_head(&base)),
             ("perfect", head(&base, HeadInit::LastLayer, l - 1, None)),
             (
                 "exit-layer init, reduced vocab",

@@ -66,6 +66,11 @@ pub struct DistillArgs {
     /// Predict only the V most frequent teacher tokens (0 = the whole vocabulary).
     #[arg(long, default_value_t = 0)]
     pub draft_vocab: usize,
+    /// Let the head also read the base's final state (after the norm) of the previous
+    /// position, which the verifier has for every committed token: a zero-initialised
+    /// projection added to the head's input.
+    #[arg(long)]
+    pub final_state_input: bool,
     /// Optimiser steps.
     #[arg(long, default_value_t = 200)]
     pub steps: u64,
@@ -154,26 +159,39 @@ fn example(row: &TeacherRow, max_seq: usize, device: tch::Device) -> Option<Exam
     })
 }
 
-/// The base's side of an example, without autograd: layer-N states `[1, T, H]` and teacher
-/// logits at the response positions `[R, V]` (f32).
-fn teacher(base: &Llama, n: usize, ex: &Example) -> (Tensor, Tensor) {
+/// The base's side of an example, without autograd.
+struct Teacher {
+    /// Layer-N states `[1, T, H]`.
+    h: Tensor,
+    /// Final states after the norm of the previous positions `[1, T, H]` (zeros first).
+    prev_final: Tensor,
+    /// Logits at the response positions `[R, V]` (f32).
+    logits: Tensor,
+}
+
+fn teacher(base: &Llama, n: usize, ex: &Example) -> Teacher {
     let _g = tch::no_grad_guard();
     let t = ex.ids.size()[1];
     let mut cache = base.new_cache(1, t);
     let h = base.forward_layers(&base.embed(&ex.ids), 0..n, &mut cache);
     let top = base.forward_layers(&h, n..base.num_layers(), &mut cache);
+    let finals = base.final_norm(&top);
     let r = ex.targets.size()[0];
-    let logits = base
-        .logits(&base.final_norm(&top.narrow(1, ex.start, r)))
-        .squeeze_dim(0);
-    (h, logits)
+    let logits = base.logits(&finals.narrow(1, ex.start, r)).squeeze_dim(0);
+    Teacher {
+        prev_final: eesd_core::head::previous_positions(&finals),
+        h,
+        logits,
+    }
 }
 
 /// Head logits at the response positions `[R, V_d]`, with autograd.
-fn student(base: &Llama, head: &EarlyExitHead, h: &Tensor, ex: &Example) -> Tensor {
-    let t = h.size()[1];
-    let mut cache = head.new_cache(base, 1, t);
-    let hidden = head.forward_hidden(base, &h.to_kind(head_kind(head)), &mut cache);
+fn student(base: &Llama, head: &EarlyExitHead, t: &Teacher, ex: &Example) -> Tensor {
+    let len = t.h.size()[1];
+    let mut cache = head.new_cache(base, 1, len);
+    let kind = head_kind(head);
+    let prev = t.prev_final.to_kind(kind);
+    let hidden = head.forward_hidden(base, &t.h.to_kind(kind), Some(&prev), &mut cache);
     let r = ex.targets.size()[0];
     head.logits(&hidden.narrow(1, ex.start, r)).squeeze_dim(0)
 }
@@ -260,8 +278,9 @@ fn evaluate(
         let Some(ex) = example(row, a.max_seq, device) else {
             continue;
         };
-        let (h, t_logits) = teacher(base, n, &ex);
-        let s_logits = student(base, head, &h, &ex).to_kind(Kind::Float);
+        let tch = teacher(base, n, &ex);
+        let s_logits = student(base, head, &tch, &ex).to_kind(Kind::Float);
+        let t_logits = tch.logits;
         let q = head.to_full_vocab(&s_logits.softmax(-1, Kind::Float), vocab);
         let p = t_logits.softmax(-1, Kind::Float);
         let t_arg = t_logits.argmax(-1, false);
@@ -465,6 +484,7 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
         tch::manual_seed(a.seed as i64);
         let mut spec = HeadSpec::for_base(base, &p.fingerprint, a.exit_layer);
         spec.head_layers = a.head_layers;
+        spec.final_state_input = a.final_state_input;
         spec.init = match a.init {
             InitArg::LastLayer => HeadInit::LastLayer,
             InitArg::ExitLayer => HeadInit::ExitLayer,
@@ -569,8 +589,9 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
             let Some(ex) = example(row, a.max_seq, device) else {
                 continue;
             };
-            let (h, t_logits) = teacher(base, a.exit_layer, &ex);
-            let s_logits = student(base, &head, &h, &ex);
+            let tch = teacher(base, a.exit_layer, &ex);
+            let s_logits = student(base, &head, &tch, &ex);
+            let t_logits = tch.logits;
             let greedy = t_logits.argmax(-1, false);
             let (t_logits, targets) = to_draft_space(&t_logits, &greedy, &draft_map);
             let l = loss(a, &s_logits.to_kind(Kind::Float), &t_logits, &targets);

@@ -184,6 +184,72 @@ fn gen_distill_and_the_head_loads_in_the_decoder() {
     }
 }
 
+/// A two-layer head with the final-state input: its projection starts at zero and training
+/// moves it; the exported head loads in the decoder, which feeds it verified final states (and
+/// its own for later drafts) and stays lossless.
+#[test]
+fn a_final_state_head_trains_and_decodes() {
+    let dir = tmp("final-state");
+    let teacher = gen(&dir);
+    let m = fixture();
+    let out = dir.join("run");
+    let export = dir.join("exported");
+    let mut args = distill_args(
+        m.to_str().unwrap(),
+        teacher.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "4",
+    );
+    args.extend([
+        "--final-state-input",
+        "--head-layers",
+        "2",
+        "--lr",
+        "1e-2",
+        "--export",
+        export.to_str().unwrap(),
+    ]);
+    ok(train(&args));
+    let p = Pretrained::load(m.to_str().unwrap(), Device::Cpu, Kind::Float).unwrap();
+    let head = eesd_core::head::EarlyExitHead::load(&export, &p.model, &p.fingerprint).unwrap();
+    assert!(head.spec.final_state_input && head.layers.len() == 2);
+    let proj = &head.final_state.as_ref().expect("the final-state input").proj;
+    assert!(
+        proj.abs().max().double_value(&[]) > 0.0,
+        "the zero-initialised projection never trained"
+    );
+    let rows = corpus::read_teacher(teacher.to_str().unwrap()).unwrap();
+    let engine = eesd_infer::speculative::Engine::new(&p.model, Some(&head));
+    let mut costs = eesd_infer::cost::CostTracker::new(3);
+    let gen_opts = eesd_infer::plain::GenerateOptions {
+        max_new_tokens: 16,
+        sampling: Default::default(),
+        eos_ids: vec![],
+    };
+    let opts = eesd_infer::speculative::SpecOptions {
+        gen: gen_opts.clone(),
+        time_every: 1,
+        check_invariants: true,
+    };
+    for r in rows.iter().take(4) {
+        let want = eesd_infer::plain::generate(&engine, &r.prompt_ids, &gen_opts, |_| {})
+            .unwrap()
+            .ids;
+        let mut c = eesd_infer::controller::parse("fixed:3", &Default::default()).unwrap();
+        let got = eesd_infer::speculative::generate(
+            &engine,
+            &r.prompt_ids,
+            &opts,
+            c.as_mut(),
+            &mut costs,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(got.ids, want);
+        assert!(got.stats.drafted > 0);
+    }
+}
+
 #[test]
 fn resumed_run_equals_an_unbroken_run() {
     let dir = tmp("resume");

@@ -464,6 +464,12 @@ impl OutputHead {
     /// Logits of `x` `[t, hidden]` as a `[t, out]` f32 tensor, written in place by the kernel
     /// (no copy of the few MB of logits a verify produces).
     pub fn logits(&self, ctx: &Ctx, x: &[f32], t: usize) -> Tensor {
+        self.logits_and_normed(ctx, x, t).0
+    }
+
+    /// [`Self::logits`] and the normed rows `[t, hidden]` the LM head read (what a head with
+    /// the final-state input reads for the next position).
+    pub fn logits_and_normed(&self, ctx: &Ctx, x: &[f32], t: usize) -> (Tensor, Vec<f32>) {
         let mut xn = vec![0f32; x.len()];
         rms_norm(x, &self.norm, self.eps, &mut xn);
         let v = self.lm_head.out_features();
@@ -471,7 +477,7 @@ impl OutputHead {
         // SAFETY: a fresh contiguous f32 CPU tensor of t * v elements, written only here.
         let buf = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, t * v) };
         self.lm_head.forward(ctx, &xn, t, buf);
-        out
+        (out, xn)
     }
 }
 
@@ -528,6 +534,11 @@ impl NativeModel {
         self.output.logits(&self.ctx, x, t)
     }
 
+    /// [`Self::logits`] and the final states after the norm `[t, hidden]`.
+    pub fn logits_and_normed(&self, x: &[f32], t: usize) -> (Tensor, Vec<f32>) {
+        self.output.logits_and_normed(&self.ctx, x, t)
+    }
+
     /// Every weight matrix a decode step reads, in step order: each layer's four, then the
     /// LM head (the kernel benchmark times them alone).
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
@@ -543,30 +554,55 @@ impl NativeModel {
 pub struct NativeHead {
     pub stack: Stack,
     pub output: OutputHead,
+    /// The final-state input (norm weights, eps, projection) of a head that has one.
+    final_state: Option<(Vec<f32>, f32, Linear)>,
 }
 
 impl NativeHead {
     pub fn new(head: &EarlyExitHead, base: &Llama) -> Result<Self> {
+        let final_state = match &head.final_state {
+            Some(f) => Some((
+                norm_weights(&f.norm),
+                f.norm.eps as f32,
+                Linear::new(&f.proj)?,
+            )),
+            None => None,
+        };
         Ok(NativeHead {
             stack: Stack::new(&head.layers, &base.cfg)?,
             output: OutputHead::new(&head.norm, head.lm_head_weight())?,
+            final_state,
         })
     }
 
-    /// Layer-N states `[t, hidden]` through the head; returns the draft logits `[1, V_d]` of
-    /// the last row only (the earlier rows only fill the head's cache).
+    /// Layer-N states `[t, hidden]` (plus, for a head with the final-state input, the base's
+    /// final states of the positions before them, `prev` `[t, hidden]`; `None` reads zeros)
+    /// through the head. Returns the draft logits `[1, V_d]` of the last row only (the earlier
+    /// rows only fill the head's cache) and that row's normed state `[hidden]`.
     pub fn forward_last(
         &self,
         model: &NativeModel,
         x: &mut [f32],
         t: usize,
+        prev: Option<&[f32]>,
         cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Vec<f32>)> {
+        if let (Some((w, eps, proj)), Some(prev)) = (&self.final_state, prev) {
+            let mut normed = vec![0f32; prev.len()];
+            rms_norm(prev, w, *eps, &mut normed);
+            let mut add = vec![0f32; x.len()];
+            proj.forward(&model.ctx, &normed, t, &mut add);
+            for (a, b) in x.iter_mut().zip(&add) {
+                *a += b;
+            }
+        }
         let n = self.stack.layers.len();
         self.stack
             .forward(&model.ctx, &model.rope, x, t, 0..n, cache)?;
         let h = self.stack.dims.hidden;
-        Ok(self.output.logits(&model.ctx, &x[(t - 1) * h..], 1))
+        Ok(self
+            .output
+            .logits_and_normed(&model.ctx, &x[(t - 1) * h..], 1))
     }
 }
 
