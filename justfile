@@ -33,6 +33,18 @@ demo prompt="Explain in three sentences why the sky is blue.": build
 train config: build
     target/release/eesd-train run {{config}}
 
+# The shipped head's recipe (the recipe's [gen*] teacher data, then the base's features computed
+# once, f32, every 2nd ShareGPT conversation; only the head trains: 2 layers + final-state input;
+# eesd-train evaluates it and exports it with its metrics). About an hour on a 2-core CPU.
+train-features config="configs/smollm2-135m.toml" out=head: build
+    target/release/eesd-train run {{config}} --gen-only
+    mkdir -p data/features/run
+    python scripts/head_levers.py features data/teacher/smollm2-135m/sharegpt-ref data/features/ref_half.pt 384 2 f32
+    python scripts/head_levers.py features data/teacher/smollm2-135m/heldout-bf16 data/features/heldout.pt 512
+    python scripts/head_levers.py train --train data/features/ref_half.pt --eval data/features/heldout.pt --epochs 2.0 --layers 2 --fin 1 --bf16 0 --eval-every 110 --out results/head_features.json --export data/features/run/checkpoint
+    python scripts/plot.py features results/head_features.json
+    target/release/eesd-train distill --model {{model}} --device cpu --data data/teacher/smollm2-135m/sharegpt-ref --eval-data data/teacher/smollm2-135m/heldout-bf16 --out data/features/run --exit-layer 4 --eval-examples 72 --max-seq 384 --eval-only --export {{out}}
+
 # Every controller on GSM8K, HumanEval and MT-Bench prompts with the committed head: table, JSON, PNG.
 bench prompts="8" tokens="128": build
     {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --out results --require-identical

@@ -115,7 +115,7 @@ def train(a):
         return h, f, tgt
     def evaluate():
         K = 8; hits = {}; tot = {}
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16 == 1):
             for r in ev:
                 h, f, _ = batch([r]); s = head(h, f)[0].float()
                 sl = slice(r["P"] - 1, len(r["ids"]) - 1)
@@ -132,7 +132,7 @@ def train(a):
         lr = a.lr * min(1, step / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for pg in opt.param_groups: pg["lr"] = lr
         h, f, tgt = batch([tr[j] for j in perm[(step - 1) * a.bs: step * a.bs]])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16 == 1):
             s = head(h, f)
         loss = F.cross_entropy(s.float().reshape(-1, V), tgt.reshape(-1), ignore_index=-1)
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
@@ -187,4 +187,5 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=1e-3); ap.add_argument("--eval-every", type=int, default=110)
     ap.add_argument("--out", default=None); ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--export", default=None, help="also write the head as an eesd head folder")
+    ap.add_argument("--bf16", type=int, default=1, help="1: bf16 autocast (fast with AMX); 0: f32")
     train(ap.parse_args())

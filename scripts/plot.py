@@ -4,6 +4,8 @@ usage:
   plot.py bench results/bench.json       -> results/bench.png (speedup per controller per dataset;
                                             acceptance by draft position)
   plot.py train OUT/metrics.jsonl        -> OUT/training.png (losses, held-out agreement)
+  plot.py features LOG.json              -> LOG.png (head_levers.py train --out: loss, held-out
+                                            top-1 agreement per source)
 """
 
 import json
@@ -71,5 +73,23 @@ def train(path):
     print(out)
 
 
+def features(path):
+    log = json.load(open(path))["log"]
+    steps = [r["step"] for r in log]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax1.plot(steps, [r["loss"] for r in log], marker="o")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("cross-entropy on the base's argmax (one batch)")
+    for src in sorted(log[-1]["eval"]):
+        ax2.plot(steps, [r["eval"][src][0] for r in log], marker="o", label=src)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("held-out top-1 agreement with the base")
+    ax2.legend()
+    fig.tight_layout()
+    out = os.path.splitext(path)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    print(out)
+
+
 if __name__ == "__main__":
-    {"bench": bench, "train": train}[sys.argv[1]](sys.argv[2])
+    {"bench": bench, "train": train, "features": features}[sys.argv[1]](sys.argv[2])

@@ -117,7 +117,7 @@ pub struct DistillArgs {
     #[arg(long)]
     pub export: Option<PathBuf>,
     /// Only measure: evaluate the head in `--out`/checkpoint on the held-out data, print the
-    /// metrics as JSON and train nothing.
+    /// metrics as JSON and train nothing (with `--export`, also write the head with them).
     #[arg(long)]
     pub eval_only: bool,
 }
@@ -471,6 +471,15 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
         head.cast_lm_head(Kind::Float); // as in training
         let e = evaluate(base, &head, head.spec.exit_layer, &eval_rows, a);
         println!("{}", serde_json::to_string_pretty(&e)?);
+        if let Some(dir) = &a.export {
+            // A head trained elsewhere (scripts/head_levers.py) ships with the metrics this
+            // evaluation writes, as a trained one does: the decoder's Thompson prior reads them.
+            head.spec.metrics = e["all"].clone();
+            head.spec.metrics["per_source"] = e.clone();
+            head.cast_to(Kind::Half);
+            head.save(dir)?;
+            eprintln!("distill: exported the evaluated head to {}", dir.display());
+        }
         return Ok(e);
     }
     std::fs::create_dir_all(&a.out)?;

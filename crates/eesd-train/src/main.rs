@@ -30,6 +30,10 @@ enum Command {
         /// Skip `[gen]` (teacher data already made).
         #[arg(long)]
         skip_gen: bool,
+        /// Run only the `[gen*]` tables: the teacher data, for the feature trainer
+        /// (`just train-features`) or a later `--skip-gen` run.
+        #[arg(long, conflicts_with = "skip_gen")]
+        gen_only: bool,
     },
 }
 
@@ -57,7 +61,7 @@ fn table_to_args(sub: &str, table: &toml::Table) -> Result<Vec<String>> {
     Ok(args)
 }
 
-fn run_recipe(path: &PathBuf, skip_gen: bool) -> Result<()> {
+fn run_recipe(path: &PathBuf, skip_gen: bool, gen_only: bool) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let recipe: toml::Table =
@@ -82,6 +86,9 @@ fn run_recipe(path: &PathBuf, skip_gen: bool) -> Result<()> {
             _ => unreachable!("parsed as gen"),
         }
     }
+    if gen_only {
+        return Ok(());
+    }
     let args = table_to_args("distill", section("distill")?)?;
     match Cli::try_parse_from(&args)?.cmd {
         Command::Distill(a) => {
@@ -97,7 +104,11 @@ fn main() {
     let result = match cli.cmd {
         Command::Gen(a) => teacher::run(&a),
         Command::Distill(a) => distill::run(&a).map(|_| ()),
-        Command::Run { config, skip_gen } => run_recipe(&config, skip_gen),
+        Command::Run {
+            config,
+            skip_gen,
+            gen_only,
+        } => run_recipe(&config, skip_gen, gen_only),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -210,10 +210,33 @@ fn a_final_state_head_trains_and_decodes() {
         export.to_str().unwrap(),
     ]);
     ok(train(&args));
+    // --eval-only --export writes the evaluated head with its metrics (how a head trained
+    // elsewhere ships: the decoder's Thompson prior reads top1_agreement).
+    let evaluated = dir.join("evaluated");
+    let mut eval_args = distill_args(
+        m.to_str().unwrap(),
+        teacher.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "4",
+    );
+    eval_args.extend(["--eval-only", "--export", evaluated.to_str().unwrap()]);
+    ok(train(&eval_args));
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(evaluated.join("head.json")).unwrap())
+            .unwrap();
+    assert!(
+        spec["metrics"]["top1_agreement"].as_f64().is_some(),
+        "{spec}"
+    );
+    assert_eq!(spec["final_state_input"], true);
     let p = Pretrained::load(m.to_str().unwrap(), Device::Cpu, Kind::Float).unwrap();
     let head = eesd_core::head::EarlyExitHead::load(&export, &p.model, &p.fingerprint).unwrap();
     assert!(head.spec.final_state_input && head.layers.len() == 2);
-    let proj = &head.final_state.as_ref().expect("the final-state input").proj;
+    let proj = &head
+        .final_state
+        .as_ref()
+        .expect("the final-state input")
+        .proj;
     assert!(
         proj.abs().max().double_value(&[]) > 0.0,
         "the zero-initialised projection never trained"
