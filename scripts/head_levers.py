@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Head levers on precomputed base features: a probe, not the product's trainer.
+"""Head training on precomputed base features: the levers' probe, and the shipped head's trainer.
 
-The product's trainer (eesd-train distill) runs the whole base for every step, about 225
-tok/s on this CPU; here the base runs once (`features`: layer-4 states, final states after
+eesd-train distill runs the whole base for every step, about 225 tok/s on this CPU; here the
+base runs once (`features`: layer-4 states, final states after
 the model's norm, the base's argmax, bf16) and each variant trains only the head (`train`),
 a 0.6-epoch run in 10-15 minutes. Variants: E head layers (initialised from base layers
 4..4+E), and `--fin 1`, which adds a zero-initialised projection of the base's final state
@@ -13,7 +13,11 @@ top-k agreement with the base's argmax on held-out answer tokens (k = 1..8).
 usage (project root, venv):
   python scripts/head_levers.py features data/teacher/smollm2-135m/sharegpt-ref F/ref.pt 384 [STRIDE [f32|bf16]]
   python scripts/head_levers.py features data/teacher/smollm2-135m/heldout-bf16 F/heldout.pt 512 [1 [f32|bf16]]
-  python scripts/head_levers.py train --train F/ref.pt --eval F/heldout.pt --epochs 0.6 [--layers 2] [--fin 1]
+  python scripts/head_levers.py train --train F/ref.pt --eval F/heldout.pt --epochs 0.6 [--layers 2] [--fin 1] [--export DIR]
+
+`--export` writes an eesd head folder; `just train-features` chains these steps with the
+product's evaluation (`eesd-train distill --eval-only --export`), which ships the head with its
+metrics. The draft vocabulary is the committed head's (the same base and corpus).
 """
 import argparse, glob, json, math, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
