@@ -320,6 +320,8 @@ impl<'a> Engine<'a> {
                 .map(|_| eesd_core::head::previous_positions(&b.final_norm(&h)));
             let _ = head.forward_hidden(b, &h_n, prev.as_ref(), hc);
         }
+        // The last row is normed alone, as before the final-state input existed: the first
+        // token keeps its bits (a norm over all rows need not give a row the same ones).
         let last = b.final_norm(&h.select(1, -1).unsqueeze(1));
         let logits = b.logits(&last).squeeze_dim(1);
         Ok((logits, self.hidden_of(&last)))
