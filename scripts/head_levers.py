@@ -24,6 +24,10 @@ import torch, torch.nn as nn, torch.nn.functional as F
 
 MODEL = "data/models/smollm2-135m-instruct"
 HEAD = "data/heads/smollm2-135m-instruct/head.safetensors"
+# The probe's parameter names against the eesd head format's (HF's layer names).
+LAYER_NAMES = dict(n1="input_layernorm", n2="post_attention_layernorm", q="self_attn.q_proj",
+                   k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+                   g="mlp.gate_proj", u="mlp.up_proj", d="mlp.down_proj")
 
 
 def features(src, out, maxseq, stride=1, dtype="bf16"):
@@ -68,6 +72,14 @@ def train(a):
     W = load_file(MODEL + "/model.safetensors")
     tr = []
     for p in a.train: tr += torch.load(p, mmap=True)
+    if a.exclude:
+        # The conversations `features DIR ... STRIDE` takes (those a head was trained on).
+        import pyarrow.parquet as pq
+        src, stride = a.exclude.rsplit(":", 1)
+        ids = [i for f in sorted(glob.glob(src + "/*.parquet")) for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+        seen = set(ids[::int(stride)])
+        tr = [r for r in tr if r["id"] not in seen]
+    tr = tr[:a.max_train]
     ev = torch.load(a.eval)
     vocab = load_file(HEAD)["draft_vocab"]  # the committed head's 8,192-token draft vocabulary
     remap = torch.full((49152,), -1, dtype=torch.long); remap[vocab] = torch.arange(V)
@@ -108,7 +120,22 @@ def train(a):
                 h = h + s.fn(prev) @ s.fp.T
             for l in s.layers: h = l(h, c, si)
             return s.nf(h) @ s.lm.T
-    head = Head(); params = [p for p in head.parameters() if p.requires_grad]
+    head = Head()
+    if a.init:
+        # Continue from a trained head of the same shape (an eesd head folder): every layer,
+        # the norm and the final-state input; the draft vocabulary must be the same.
+        t = load_file(a.init + "/head.safetensors")
+        assert torch.equal(t["draft_vocab"], vocab), "--init has another draft vocabulary"
+        with torch.no_grad():
+            for j, l in enumerate(head.layers):
+                for short, hf in LAYER_NAMES.items():
+                    m = getattr(l, short)
+                    (m.g if short.startswith("n") else m).copy_(t[f"layers.{j}.{hf}.weight"].float())
+            head.nf.g.copy_(t["norm.weight"].float())
+            if a.fin:
+                head.fn.g.copy_(t["final_state.norm.weight"].float())
+                head.fp.copy_(t["final_state.proj.weight"].float())
+    params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     def batch(items):
         T = max(len(r["ids"]) for r in items); B = len(items)
@@ -154,12 +181,9 @@ def export(a, head, vocab, log):
     committed head, which shares the base and the draft vocabulary."""
     import os
     from safetensors.torch import save_file
-    names = dict(n1="input_layernorm", n2="post_attention_layernorm", q="self_attn.q_proj",
-                 k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-                 g="mlp.gate_proj", u="mlp.up_proj", d="mlp.down_proj")
     out = {}
     for j, l in enumerate(head.layers):
-        for short, hf in names.items():
+        for short, hf in LAYER_NAMES.items():
             m = getattr(l, short)
             out[f"layers.{j}.{hf}.weight"] = (m.g if short.startswith("n") else m).detach()
     out["norm.weight"] = head.nf.g.detach()
@@ -192,4 +216,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None); ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--export", default=None, help="also write the head as an eesd head folder")
     ap.add_argument("--bf16", type=int, default=1, help="1: bf16 autocast (fast with AMX); 0: f32")
+    ap.add_argument("--init", default=None, help="continue from this head folder (same shape and vocabulary)")
+    ap.add_argument("--exclude", default=None, help="DIR:STRIDE: skip the conversations `features DIR OUT LEN STRIDE` takes")
+    ap.add_argument("--max-train", type=int, default=None, help="train on at most this many sequences (after --exclude)")
     train(ap.parse_args())
