@@ -30,15 +30,35 @@ LAYER_NAMES = dict(n1="input_layernorm", n2="post_attention_layernorm", q="self_
                    g="mlp.gate_proj", u="mlp.up_proj", d="mlp.down_proj")
 
 
-def features(src, out, maxseq, stride=1, dtype="bf16"):
+def teacher_rows(src, stride=1, columns=("id", "prompt_ids", "response_ids")):
+    """Every stride-th conversation of a teacher-data folder, in corpus order: the subset
+    `features` computes (and `train --exclude` skips)."""
     import pyarrow.parquet as pq
+    rows = []
+    for f in sorted(glob.glob(src + "/*.parquet")):
+        rows += pq.read_table(f, columns=list(columns)).to_pylist()
+    return rows[::stride]
+
+
+def head_tensors(head, fin):
+    """The head's parameters under their eesd head-format names (what export writes, --init reads)."""
+    out = {}
+    for j, l in enumerate(head.layers):
+        for short, hf in LAYER_NAMES.items():
+            m = getattr(l, short)
+            out[f"layers.{j}.{hf}.weight"] = m.g if short.startswith("n") else m
+    out["norm.weight"] = head.nf.g
+    if fin:
+        out["final_state.norm.weight"] = head.fn.g
+        out["final_state.proj.weight"] = head.fp
+    return out
+
+
+def features(src, out, maxseq, stride=1, dtype="bf16"):
     from transformers import AutoModelForCausalLM
     # f32 runs faster than bf16 on CPUs without AMX; the states are stored in bf16 either way.
     m = AutoModelForCausalLM.from_pretrained(MODEL, dtype=dict(bf16=torch.bfloat16, f32=torch.float32)[dtype]).eval()
-    rows = []
-    for f in sorted(glob.glob(src + "/*.parquet")):
-        rows += pq.read_table(f, columns=["id", "prompt_ids", "response_ids"]).to_pylist()
-    rows = rows[::stride]  # every stride-th conversation: a subset spread over the corpus
+    rows = teacher_rows(src, stride)  # a subset spread over the corpus
     seqs = []
     for r in rows:
         ids = (list(r["prompt_ids"]) + list(r["response_ids"]))[:maxseq]
@@ -74,12 +94,9 @@ def train(a):
     for p in a.train: tr += torch.load(p, mmap=True)
     if a.exclude:
         # The conversations `features DIR ... STRIDE` takes (those a head was trained on).
-        import pyarrow.parquet as pq
         src, stride = a.exclude.rsplit(":", 1)
-        ids = [i for f in sorted(glob.glob(src + "/*.parquet")) for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
-        seen = set(ids[::int(stride)])
+        seen = {r["id"] for r in teacher_rows(src, int(stride), columns=("id",))}
         tr = [r for r in tr if r["id"] not in seen]
-    tr = tr[:a.max_train]
     ev = torch.load(a.eval)
     vocab = load_file(HEAD)["draft_vocab"]  # the committed head's 8,192-token draft vocabulary
     remap = torch.full((49152,), -1, dtype=torch.long); remap[vocab] = torch.arange(V)
@@ -127,14 +144,8 @@ def train(a):
         t = load_file(a.init + "/head.safetensors")
         assert torch.equal(t["draft_vocab"], vocab), "--init has another draft vocabulary"
         with torch.no_grad():
-            for j, l in enumerate(head.layers):
-                for short, hf in LAYER_NAMES.items():
-                    m = getattr(l, short)
-                    (m.g if short.startswith("n") else m).copy_(t[f"layers.{j}.{hf}.weight"].float())
-            head.nf.g.copy_(t["norm.weight"].float())
-            if a.fin:
-                head.fn.g.copy_(t["final_state.norm.weight"].float())
-                head.fp.copy_(t["final_state.proj.weight"].float())
+            for name, p in head_tensors(head, a.fin).items():
+                p.copy_(t[name].float())
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     def batch(items):
@@ -181,16 +192,7 @@ def export(a, head, vocab, log):
     committed head, which shares the base and the draft vocabulary."""
     import os
     from safetensors.torch import save_file
-    out = {}
-    for j, l in enumerate(head.layers):
-        for short, hf in LAYER_NAMES.items():
-            m = getattr(l, short)
-            out[f"layers.{j}.{hf}.weight"] = (m.g if short.startswith("n") else m).detach()
-    out["norm.weight"] = head.nf.g.detach()
-    if a.fin:
-        out["final_state.norm.weight"] = head.fn.g.detach()
-        out["final_state.proj.weight"] = head.fp.detach()
-    out = {k: v.to(torch.float16).contiguous() for k, v in out.items()}
+    out = {k: v.detach().to(torch.float16).contiguous() for k, v in head_tensors(head, a.fin).items()}
     out["draft_vocab"] = vocab.contiguous()
     spec = json.load(open(HEAD.replace("head.safetensors", "head.json")))
     spec.update(head_layers=a.layers, final_state_input=bool(a.fin), init="exit-layer",
@@ -218,5 +220,4 @@ if __name__ == "__main__":
     ap.add_argument("--bf16", type=int, default=1, help="1: bf16 autocast (fast with AMX); 0: f32")
     ap.add_argument("--init", default=None, help="continue from this head folder (same shape and vocabulary)")
     ap.add_argument("--exclude", default=None, help="DIR:STRIDE: skip the conversations `features DIR OUT LEN STRIDE` takes")
-    ap.add_argument("--max-train", type=int, default=None, help="train on at most this many sequences (after --exclude)")
     train(ap.parse_args())
