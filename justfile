@@ -33,10 +33,11 @@ demo prompt="Explain in three sentences why the sky is blue.": build
 train config: build
     target/release/eesd-train run {{config}}
 
-# The shipped head's recipe (the recipe's [gen*] teacher data, then the base's features computed
-# once, f32, every 2nd ShareGPT conversation; only the head trains: 2 layers + final-state input;
-# eesd-train evaluates it and exports it with its metrics). About an hour on a 2-core CPU.
-train-features config="configs/smollm2-135m.toml" out=head: build
+# The shipped head's first stage (the recipe's [gen*] teacher data, then the base's features
+# computed once, f32, every 2nd ShareGPT conversation; only the head trains: 2 layers +
+# final-state input; eesd-train evaluates it and exports it with its metrics). About an hour on
+# a 2-core CPU. `train-self` continues it.
+train-features config="configs/smollm2-135m.toml" out=(head + "-stage1"): build
     target/release/eesd-train run {{config}} --gen-only
     mkdir -p data/features/run
     python scripts/head_levers.py features data/teacher/smollm2-135m/sharegpt-ref data/features/ref_half.pt 384 2 f32
@@ -44,6 +45,20 @@ train-features config="configs/smollm2-135m.toml" out=head: build
     python scripts/head_levers.py train --train data/features/ref_half.pt --eval data/features/heldout.pt --epochs 2.0 --layers 2 --fin 1 --bf16 0 --eval-every 110 --out results/head_features.json --export data/features/run/checkpoint
     python scripts/plot.py features results/head_features.json
     target/release/eesd-train distill --model {{model}} --device cpu --data data/teacher/smollm2-135m/sharegpt-ref --eval-data data/teacher/smollm2-135m/heldout-bf16 --out data/features/run --exit-layer 4 --eval-examples 72 --max-seq 384 --eval-only --export {{out}}
+
+# The shipped head's recipe, second stage: the first stage's head (`train-features`, kept as
+# data/heads/smollm2-135m-instruct-stage1) continued for one epoch on the base's own greedy bf16
+# answers to the first `limit` ShareGPT prompts (the data that moved the head most, README
+# "Self-generated answers"). Generation resumes where it stopped: about 40 prompts a minute on
+# a 2-core CPU (4,072 prompts: 100 min); features and training about 40 minutes more.
+train-self limit="4072" out=head: build
+    target/release/eesd-train run configs/smollm2-135m.toml --gen-only
+    target/release/eesd-train gen --model {{model}} --device cpu --data data/corpora/sharegpt.parquet --out data/teacher/smollm2-135m/sharegpt-self --limit {{limit}} --max-new-tokens 256 --max-prompt-tokens 256 --batch-size 64 --chunk 64
+    python scripts/head_levers.py features data/teacher/smollm2-135m/sharegpt-self data/features/self.pt 384 1 f32
+    [ -f data/features/heldout.pt ] || python scripts/head_levers.py features data/teacher/smollm2-135m/heldout-bf16 data/features/heldout.pt 512
+    python scripts/head_levers.py train --train data/features/self.pt --eval data/features/heldout.pt --init data/heads/smollm2-135m-instruct-stage1 --epochs 1.0 --layers 2 --fin 1 --bf16 0 --lr 3e-4 --eval-every 100 --out results/head_self.json --export data/features/run-self/checkpoint
+    python scripts/plot.py features results/head_self.json
+    target/release/eesd-train distill --model {{model}} --device cpu --data data/teacher/smollm2-135m/sharegpt-self --eval-data data/teacher/smollm2-135m/heldout-bf16 --out data/features/run-self --exit-layer 4 --eval-examples 72 --max-seq 384 --eval-only --export {{out}}
 
 # Every controller on GSM8K, HumanEval and MT-Bench prompts with the committed head: table, JSON, PNG.
 bench prompts="8" tokens="128": build

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Which training data moves the shipped head more: the base's own answers or ShareGPT's?
+# Which training data moves the first-stage head (data/heads/smollm2-135m-instruct-stage1,
+# `just train-features`) more: the base's own answers or ShareGPT's?
 #
-# Takes the first LIMIT ShareGPT prompts (default 400), keeps those the shipped head was not
-# trained on (it saw every 2nd conversation of the fixed corpus), and continues the shipped head
+# Takes the first LIMIT ShareGPT prompts (default 400), keeps those that head was not
+# trained on (it saw every 2nd conversation of the fixed corpus), and continues it
 # for EPOCHS (default 2) over them twice, from the same start: once on the base's own greedy bf16
 # answers (`eesd-train gen`, resumable) and once on ShareGPT's reference answers to the same
 # prompts. Both arms are scored on the held-out answers (`head_levers.py train` prints the
@@ -36,6 +37,6 @@ done
 [ -f "$OUT/heldout.pt" ] || python scripts/head_levers.py features data/teacher/smollm2-135m/heldout-bf16 "$OUT/heldout.pt" 512
 for arm in self ref; do
   python scripts/head_levers.py train --train "$OUT/$arm.pt" --eval "$OUT/heldout.pt" \
-    --init data/heads/smollm2-135m-instruct --layers 2 --fin 1 --bf16 0 \
+    --init data/heads/smollm2-135m-instruct-stage1 --layers 2 --fin 1 --bf16 0 \
     --exclude "$REF:2" --epochs "${EPOCHS:-2}" --lr 3e-4 --eval-every 1000 --out "$OUT/$arm.json"
 done
