@@ -66,6 +66,12 @@ bench prompts="8" tokens="128": build
     {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --temperature 0.7 --top-p 0.9 --controllers off,thompson,thompson-calibrated,confidence:0.5,fixed:1,fixed:2 --out results/sampled
     python scripts/plot.py bench results/bench.json
 
+# f32 runs at a third of bf16's speed here, so fewer controllers (13 minutes on 2 cores).
+# The greedy bench in f32 (the golden-test dtype): table, JSON, PNG under results/f32.
+bench-f32 prompts="8" tokens="128": build
+    {{bin}} bench --model {{model}} --head {{head}} --dtype f32 --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --controllers off,thompson,thompson-calibrated,confidence:0.5,fixed:1,fixed:2 --out results/f32 --require-identical
+    python scripts/plot.py bench results/f32/bench.json
+
 # bf16 exactness: every controller's greedy output vs plain decoding, 200 prompts (50 per corpus).
 identity prompts="50" tokens="64": build
     {{bin}} bench --model {{model}} --head {{head}} --dtype bf16 --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --data data/corpora/sharegpt.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --controllers off,thompson,thompson-calibrated,heuristic,confidence:0.5,fixed:1,fixed:3,fixed:8 --out results/identity --require-identical
