@@ -66,7 +66,7 @@ bench prompts="8" tokens="128": build
     {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --temperature 0.7 --top-p 0.9 --controllers off,thompson,thompson-calibrated,confidence:0.5,fixed:1,fixed:2 --out results/sampled
     python scripts/plot.py bench results/bench.json
 
-# f32 decodes at about half bf16's speed here, so fewer controllers (13 minutes on 2 cores).
+# f32 decodes at about half bf16's speed here, so fewer controllers (5 minutes on 2 cores).
 # The greedy bench in f32 (the golden-test dtype): table, JSON, PNG under results/f32.
 bench-f32 prompts="8" tokens="128": build
     {{bin}} bench --model {{model}} --head {{head}} --dtype f32 --data data/corpora/gsm8k.parquet --data data/corpora/humaneval.parquet --data data/corpora/mtbench.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --controllers off,thompson,thompson-calibrated,confidence:0.5,fixed:1,fixed:2 --out results/f32 --require-identical
