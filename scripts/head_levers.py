@@ -139,13 +139,20 @@ def train(a):
             return s.nf(h) @ s.lm.T
     head = Head()
     if a.init:
-        # Continue from a trained head of the same shape (an eesd head folder): every layer,
-        # the norm and the final-state input; the draft vocabulary must be the same.
+        # Continue from a trained head (an eesd head folder): every layer it has, the norm and
+        # the final-state input; the draft vocabulary must be the same. Layers past its own
+        # (growing E) start from their base layer with zeroed output projections (o, down):
+        # an identity block, so the grown head starts as exactly the head it grew from.
         t = load_file(a.init + "/head.safetensors")
         assert torch.equal(t["draft_vocab"], vocab), "--init has another draft vocabulary"
+        have = len({k.split(".")[1] for k in t if k.startswith("layers.")})
+        assert have <= a.layers, f"--init has {have} layers, more than --layers {a.layers}"
         with torch.no_grad():
             for name, p in head_tensors(head, a.fin).items():
-                p.copy_(t[name].float())
+                if not name.startswith("layers.") or int(name.split(".")[1]) < have:
+                    p.copy_(t[name].float())
+            for l in head.layers[have:]:
+                l.o.zero_(); l.d.zero_()
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     def batch(items):
@@ -218,6 +225,6 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None); ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--export", default=None, help="also write the head as an eesd head folder")
     ap.add_argument("--bf16", type=int, default=1, help="1: bf16 autocast (fast with AMX); 0: f32")
-    ap.add_argument("--init", default=None, help="continue from this head folder (same shape and vocabulary)")
+    ap.add_argument("--init", default=None, help="continue from this head folder (same vocabulary; as many layers or fewer)")
     ap.add_argument("--exclude", default=None, help="DIR:STRIDE: skip the conversations `features DIR OUT LEN STRIDE` takes")
     train(ap.parse_args())
