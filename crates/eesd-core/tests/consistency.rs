@@ -2,7 +2,7 @@
 
 mod common;
 use common::*;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
 
@@ -167,19 +167,12 @@ fn static_shapes_at_a_device_offset_equal_the_dynamic_path() {
     }
 }
 
-/// The native kernels' promise that speculative verification rests on (issue 7): k+1 rows run
-/// together through every layer and the LM head give each row exactly the bits of k+1
-/// single-row steps, in every weight dtype, for head sizes on the blocked attention path (64)
-/// and off it (the fixtures').
-#[test]
-fn native_rows_together_have_the_bits_of_single_steps() {
+/// CPU models for the native kernel tests (the native path is CPU only, so these run on the
+/// CPU whatever the test device): a head size on the blocked attention path (64) in every
+/// weight dtype, and the fixtures (head sizes off it).
+fn native_models() -> Vec<(String, eesd_core::model::Llama)> {
     use eesd_core::config::LlamaConfig;
     use eesd_core::model::Llama;
-    use eesd_core::native::NativeModel;
-    if device() != tch::Device::Cpu {
-        return;
-    }
-    let _g = tch::no_grad_guard();
     let mut cfg = LlamaConfig::named_shape("smollm2-135m").expect("shape");
     (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) = (256, 512, 2);
     (
@@ -193,26 +186,55 @@ fn native_rows_together_have_the_bits_of_single_steps() {
         tch::manual_seed(3);
         models.push((
             format!("hd64 {kind:?}"),
-            Llama::random(cfg.clone(), kind, device()),
+            Llama::random(cfg.clone(), kind, Device::Cpu),
         ));
     }
     for name in CASES {
-        models.push((name.to_string(), load(name)));
+        models.push((name.to_string(), load_on(name, Device::Cpu)));
     }
-    for (name, m) in &models {
+    models
+}
+
+/// `n` deterministic token ids below `vocab`.
+fn host_ids(n: i64, vocab: usize, seed: i64) -> Vec<u32> {
+    Vec::<i64>::try_from(
+        ids(1, n, vocab as i64, seed)
+            .view([-1])
+            .to_device(Device::Cpu),
+    )
+    .unwrap()
+    .into_iter()
+    .map(|t| t as u32)
+    .collect()
+}
+
+/// A cache holding `prompt`, filled by torch (as the prefill does).
+fn prefilled(
+    m: &eesd_core::model::Llama,
+    prompt: &[u32],
+    capacity: i64,
+) -> eesd_core::cache::KvCache {
+    let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let mut cache = m.new_cache(1, capacity);
+    let _ = m.forward(&Tensor::from_slice(&ids).unsqueeze(0), &mut cache);
+    cache
+}
+
+/// The native kernels' promise that speculative verification rests on (issue 7): k+1 rows run
+/// together through every layer and the LM head give each row exactly the bits of k+1
+/// single-row steps, in every weight dtype, for head sizes on the blocked attention path (64)
+/// and off it (the fixtures').
+#[test]
+fn native_rows_together_have_the_bits_of_single_steps() {
+    use eesd_core::native::NativeModel;
+    let _g = tch::no_grad_guard();
+    for (name, m) in &native_models() {
         let native = NativeModel::new(m).expect("native views");
         let layers = m.cfg.num_layers;
-        let ids = ids(1, 40, m.cfg.vocab_size as i64, 9);
-        let host: Vec<u32> = Vec::<i64>::try_from(ids.view([-1]))
-            .unwrap()
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
+        let host = host_ids(40, m.cfg.vocab_size, 9);
         let (prompt, rows) = (33, 7);
-        let mut together = m.new_cache(1, 48);
-        let _ = m.forward(&ids.narrow(1, 0, prompt as i64), &mut together);
-        let mut alone = m.new_cache(1, 48);
-        let _ = m.forward(&ids.narrow(1, 0, prompt as i64), &mut alone);
+        let mut together = prefilled(m, &host[..prompt], 48);
+        let mut alone = prefilled(m, &host[..prompt], 48);
         let mut x = native.embed(&host[prompt..prompt + rows]);
         native
             .forward_layers(&mut x, rows, 0..layers, &mut together)
@@ -233,5 +255,65 @@ fn native_rows_together_have_the_bits_of_single_steps() {
             "{name}: rows together differ from single steps by {:e}",
             max_diff(&batched, &singles)
         );
+    }
+}
+
+/// The engine's batching rests on this: rows of different sequences (other prompts, other
+/// cache lengths, other row counts) in one pass give each sequence exactly the bits it gets
+/// alone, in every weight dtype.
+#[test]
+fn native_rows_of_different_sequences_have_the_bits_of_each_alone() {
+    use eesd_core::native::{NativeModel, Segment};
+    let _g = tch::no_grad_guard();
+    for (name, m) in &native_models() {
+        let native = NativeModel::new(m).expect("native views");
+        let layers = m.cfg.num_layers;
+        // (prompt length, rows this pass) of three sequences.
+        let shapes = [(5usize, 1usize), (29, 4), (14, 2)];
+        let seqs: Vec<Vec<u32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(p, r))| host_ids((p + r) as i64, m.cfg.vocab_size, 20 + i as i64))
+            .collect();
+        let mut together: Vec<_> = seqs
+            .iter()
+            .zip(&shapes)
+            .map(|(s, &(p, _))| prefilled(m, &s[..p], 40))
+            .collect();
+        let mut x: Vec<f32> = seqs
+            .iter()
+            .zip(&shapes)
+            .flat_map(|(s, &(p, r))| native.embed(&s[p..p + r]))
+            .collect();
+        let mut segs: Vec<Segment> = together
+            .iter_mut()
+            .zip(&shapes)
+            .map(|(cache, &(_, rows))| Segment { cache, rows })
+            .collect();
+        native
+            .forward_layers_batch(&mut x, &mut segs, 0..layers)
+            .unwrap();
+        let batched = native.logits(&x, shapes.iter().map(|s| s.1).sum());
+        let mut first = 0;
+        for (i, (s, &(p, r))) in seqs.iter().zip(&shapes).enumerate() {
+            let mut alone = prefilled(m, &s[..p], 40);
+            let mut x = native.embed(&s[p..p + r]);
+            native
+                .forward_layers(&mut x, r, 0..layers, &mut alone)
+                .unwrap();
+            let want = native.logits(&x, r);
+            let got = batched.narrow(0, first as i64, r as i64);
+            assert!(
+                got.equal(&want),
+                "{name}: sequence {i} batched differs from alone by {:e}",
+                max_diff(&got, &want)
+            );
+            assert_eq!(
+                together[i].len(0),
+                (p + r) as i64,
+                "{name}: cache of sequence {i}"
+            );
+            first += r;
+        }
     }
 }

@@ -32,6 +32,45 @@ pub fn matvec_bandwidth(device: Device, kind: Kind, n: i64, reps: usize) -> f64 
     bytes / median(times)
 }
 
+/// Plain greedy decoding of every prompt after a short warm-up (allocator, kernels, thread
+/// pool): (decode tokens, decode seconds), each prompt's rate on stderr.
+pub fn plain_decode<B: crate::engine::Backend>(
+    engine: &mut crate::engine::Engine<B>,
+    prompts: &[Vec<u32>],
+    opts: &crate::engine::GenerateOptions,
+) -> eesd_core::Result<(usize, f64)> {
+    let mut off = crate::controller::Fixed(0);
+    if let Some(first) = prompts.first() {
+        let warm = crate::engine::GenerateOptions {
+            max_new_tokens: 8,
+            ..opts.clone()
+        };
+        engine.generate(first, &warm, &mut off, |_| {})?;
+    }
+    let (mut tokens, mut seconds) = (0usize, 0f64);
+    for (i, ids) in prompts.iter().enumerate() {
+        let g = engine.generate(ids, opts, &mut off, |_| {})?;
+        tokens += g.stats.decode_tokens();
+        seconds += g.stats.decode_seconds;
+        eprintln!("[{i}] {:.2} tok/s", g.stats.decode_tokens_per_s());
+    }
+    Ok((tokens, seconds))
+}
+
+/// The floor of plain decoding for `model`: (bytes per second, weight bytes per token). On CPU
+/// the bandwidth is a plain streaming read (not any product kernel, whose own speed is what is
+/// measured); on CUDA a large matrix-vector product.
+pub fn decode_floor(model: &Llama) -> (f64, f64) {
+    let bandwidth = if model.device == Device::Cpu {
+        let pool = eesd_core::native::pool::global();
+        eesd_core::native::stream_read_bandwidth(pool, 1 << 30, 5)
+    } else {
+        matvec_bandwidth(model.device, model.kind, 8192, 20)
+    };
+    let bytes = model.cfg.weight_params_per_token() as f64 * model.kind.elt_size_in_bytes() as f64;
+    (bandwidth, bytes)
+}
+
 /// Every weight product of one decode step, each layer's four and the LM head, over the
 /// activations `x_h` (hidden size), `x_o` (attention output) and `x_i` (intermediate size):
 /// the pass both the CPU kernel benchmark and the GPU shape benchmark time. The LM head's
@@ -67,7 +106,8 @@ fn median_secs(reps: usize, dev: Device, mut f: impl FnMut()) -> f64 {
 /// controller's cost model sees on a real large model (EESD.md section 6; issue: GPU timings).
 pub mod shape {
     use super::median_secs;
-    use crate::speculative::Engine;
+    use crate::backends::{Kernels, TorchBackend};
+    use crate::engine::Backend;
     use eesd_core::device::synchronize;
     use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec};
     use eesd_core::model::Llama;
@@ -79,10 +119,9 @@ pub mod shape {
     pub fn plain_step(base: &Llama, context: i64, steps: usize, graphs: bool) -> f64 {
         let _g = tch::no_grad_guard();
         let dev = base.device;
-        let engine = Engine::with_kernels(base, None, crate::speculative::Kernels::Torch)
-            .expect("torch kernels")
+        let engine = TorchBackend::new(base, None, crate::controller::DEFAULT_MAX_DRAFT + 1)
             .with_cuda_graphs(graphs);
-        let mut cache = engine.new_cache(context as usize, 2);
+        let (mut cache, _) = engine.new_caches(context as usize, 2, false);
         let prompt: Vec<u32> = (0..context as u32)
             .map(|i| (i * 7919) % base.cfg.vocab_size as u32)
             .collect();
@@ -90,7 +129,7 @@ pub mod shape {
         let one = Tensor::from_slice(&[1i64]).to_device(dev);
         median_secs(steps, dev, || {
             let h = engine.embed_lower(&one, &mut cache).expect("step");
-            let logits = engine.upper_logits(&h, &mut cache).expect("step");
+            let (logits, _) = engine.upper_one(&h, &mut cache).expect("step");
             let _ = logits.argmax(-1, false).int64_value(&[0]);
             cache.truncate(context);
         })
@@ -104,16 +143,17 @@ pub mod shape {
         draft_vocab: usize,
         k_max: usize,
         context: i64,
-    ) -> (f64, Vec<f64>) {
+    ) -> eesd_core::Result<(f64, Vec<f64>)> {
         let mut spec = HeadSpec::for_base(base, "shape", n);
         spec.init = HeadInit::Random;
         let vocab: Vec<u32> = (0..draft_vocab as u32).collect();
-        let head = EarlyExitHead::init(base, spec, (draft_vocab > 0).then_some(vocab.as_slice()))
-            .expect("head");
-        let engine = Engine::new(base, Some(&head));
-        let t = crate::cost::CostTracker::calibrate(&engine, k_max, context, 15);
-        let c = t.costs();
-        (c.draft_step, c.verify)
+        let head = EarlyExitHead::init(base, spec, (draft_vocab > 0).then_some(vocab.as_slice()))?;
+        let kernels = Kernels::parse(None, base.device)?;
+        let c = crate::with_engine!(kernels, base, Some(&head), k_max, |engine| {
+            engine.calibrate(context as usize, 15)?;
+            engine.costs.costs()
+        });
+        Ok((c.draft_step, c.verify))
     }
 
     /// Seconds of a step's weight products alone (every layer's four and the LM head) over
@@ -152,6 +192,89 @@ pub mod shape {
             let _ = w.mv(&x);
         });
         (n * n) as f64 * kind.elt_size_in_bytes() as f64 / secs
+    }
+
+    /// The whole shape benchmark (`eesd-infer bench-shape`): plain decode eager and graphed
+    /// against the floor, the weight products alone, and c and v(k) per exit layer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        name: &str,
+        cfg: eesd_core::config::LlamaConfig,
+        device: tch::Device,
+        kind: Kind,
+        exits: &[usize],
+        draft_vocab: usize,
+        max_draft: usize,
+        context: i64,
+    ) -> eesd_core::Result<serde_json::Value> {
+        let bytes = cfg.weight_params_per_token() as f64 * kind.elt_size_in_bytes() as f64;
+        eprintln!(
+            "{}: {:.2} GB of weights in {kind:?} on {device:?}",
+            name,
+            bytes / 1e9
+        );
+        let base = eesd_core::model::Llama::random(cfg, kind, device);
+        let bandwidth = bandwidth(device, kind);
+        let floor = bandwidth / bytes;
+        let graphs = eesd_core::cuda_graph::available(device);
+        // Eager first, then with CUDA graphs where they run (the engine's default there).
+        let eager_step = plain_step(&base, context, 30, false);
+        let step = if graphs {
+            plain_step(&base, context, 30, true)
+        } else {
+            eager_step
+        };
+        eprintln!(
+            "bandwidth {:.0} GB/s -> floor {floor:.1} tok/s; plain decode eager {:.1} tok/s ({:.0}% of floor){}",
+            bandwidth / 1e9,
+            1.0 / eager_step,
+            100.0 / eager_step / floor,
+            if graphs {
+                format!(
+                    ", CUDA graphs {:.1} tok/s ({:.0}% of floor)",
+                    1.0 / step,
+                    100.0 / step / floor
+                )
+            } else {
+                String::new()
+            }
+        );
+        // How much of a step the weight products alone take, at one row and at the verify width
+        // every step runs (9): what is left is the small kernels around them.
+        let width = crate::controller::DEFAULT_MAX_DRAFT as i64 + 1;
+        let w1 = weight_pass(&base, 1, graphs);
+        let ww = weight_pass(&base, width, graphs);
+        eprintln!(
+            "weight products alone{}: 1 row {:.2} ms, {width} rows {:.2} ms; whole step {:.2} ms; floor {:.2} ms",
+            if graphs { " (one graph)" } else { "" },
+            w1 * 1e3,
+            ww * 1e3,
+            step * 1e3,
+            1e3 / floor
+        );
+        let mut per_exit = Vec::new();
+        for &n in exits {
+            let (c, v) = spec_costs(&base, n, draft_vocab, max_draft, context)?;
+            eprintln!(
+                "N = {n}: draft step c = {c:.3}; verify k+1 = 1..{}: {:?}",
+                max_draft + 1,
+                v.iter()
+                    .map(|x| (x * 1000.0).round() / 1000.0)
+                    .collect::<Vec<_>>()
+            );
+            per_exit.push(
+                serde_json::json!({"exit_layer": n, "draft_step_c": c, "verify_relative": v}),
+            );
+        }
+        let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+        Ok(serde_json::json!({
+            "shape": name, "device": device_name, "dtype": format!("{kind:?}"), "context": context,
+            "weight_bytes": bytes, "bandwidth_bytes_per_s": bandwidth, "floor_tokens_per_s": floor,
+            "plain_tokens_per_s": 1.0 / step, "fraction_of_floor": 1.0 / step / floor,
+            "cuda_graphs": graphs, "plain_eager_tokens_per_s": 1.0 / eager_step,
+            "weight_products_seconds": {"rows_1": w1, "rows_verify_width": ww, "verify_width": width},
+            "draft_vocab": draft_vocab, "exits": per_exit,
+        }))
     }
 }
 

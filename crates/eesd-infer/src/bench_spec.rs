@@ -3,8 +3,7 @@
 //! decoding through the same engine) measured in the same run.
 
 use crate::controller::Controller;
-use crate::cost::CostTracker;
-use crate::speculative::{generate, Engine, SpecOptions};
+use crate::engine::{Backend, Engine, GenerateOptions};
 use crate::stats::DecodeStats;
 use eesd_core::Result;
 use serde::Serialize;
@@ -13,6 +12,58 @@ use serde::Serialize;
 pub struct Dataset {
     pub name: String,
     pub prompts: Vec<(String, Vec<u32>)>,
+}
+
+/// The first `num_prompts` prompts of each corpus (parquet with `id` and `prompt`) whose chat
+/// form fits `max_prompt_tokens`; a dataset is named after its file.
+pub fn load_datasets(
+    tokenizer: &eesd_core::tokenizer::Tokenizer,
+    specs: &[String],
+    num_prompts: usize,
+    max_prompt_tokens: usize,
+) -> Result<Vec<Dataset>> {
+    let mut datasets = Vec::new();
+    for spec in specs {
+        let rows = eesd_core::corpus::read_prompts(spec, "prompt")?;
+        let name = std::path::Path::new(spec)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| spec.clone());
+        let mut prompts = Vec::new();
+        for r in rows {
+            let ids = tokenizer.encode_chat(&r.prompt)?;
+            if ids.len() <= max_prompt_tokens {
+                prompts.push((r.id, ids));
+            }
+            if prompts.len() == num_prompts {
+                break;
+            }
+        }
+        datasets.push(Dataset { name, prompts });
+    }
+    Ok(datasets)
+}
+
+/// Controller names from a comma-separated list, `off` first when missing (speedups are
+/// against it).
+pub fn controller_names(list: &str) -> Vec<String> {
+    let mut names: Vec<String> = list
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !names.iter().any(|n| n == "off") {
+        names.insert(0, "off".into());
+    }
+    names
+}
+
+/// Rows whose greedy output differed from plain decoding, as "dataset controller: count".
+pub fn mismatches(rows: &[Row]) -> Vec<String> {
+    rows.iter()
+        .filter(|r| r.mismatches > 0)
+        .map(|r| format!("{} {}: {}", r.dataset, r.controller, r.mismatches))
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -36,21 +87,20 @@ pub struct Row {
 }
 
 /// Runs `controllers` (built fresh per dataset by `make`) over every dataset.
-pub fn run(
-    engine: &Engine,
+pub fn run<B: Backend>(
+    engine: &mut Engine<B>,
     datasets: &[Dataset],
     names: &[String],
     make: &dyn Fn(&str) -> Result<Box<dyn Controller>>,
-    costs: &mut CostTracker,
-    opts: &SpecOptions,
+    opts: &GenerateOptions,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<Row>> {
     // Warm-up: every controller once, short, so allocation and first-call costs stay out.
     if let Some((_, p)) = datasets.first().and_then(|d| d.prompts.first()) {
         let mut short = opts.clone();
-        short.gen.max_new_tokens = 16.min(opts.gen.max_new_tokens);
+        short.max_new_tokens = 16.min(opts.max_new_tokens);
         for name in names {
-            generate(engine, p, &short, make(name)?.as_mut(), costs, |_| {})?;
+            engine.generate(p, &short, make(name)?.as_mut(), |_| {})?;
         }
     }
     let mut rows = Vec::new();
@@ -62,9 +112,9 @@ pub fn run(
         for (id, prompt) in &d.prompts {
             let mut reference: Option<Vec<u32>> = None;
             for (i, c) in ctrls.iter_mut().enumerate() {
-                let g = generate(engine, prompt, opts, c.as_mut(), costs, |_| {})?;
+                let g = engine.generate(prompt, opts, c.as_mut(), |_| {})?;
                 // Sampled outputs differ run to run by design; only greedy ones must be equal.
-                let greedy = opts.gen.sampling.is_greedy();
+                let greedy = opts.sampling.is_greedy();
                 match &reference {
                     _ if !greedy => {}
                     None => reference = Some(g.ids.clone()),
@@ -86,14 +136,14 @@ pub fn run(
                 controller: name.clone(),
                 decode_tokens_per_s: s.decode_tokens_per_s(),
                 speedup_vs_off: off.map(|o| s.decode_tokens_per_s() / o).unwrap_or(f64::NAN),
-                predicted_speedup: s.predicted_speedup(&costs.costs()),
+                predicted_speedup: s.predicted_speedup(&engine.costs.costs()),
                 acceptance_rate: s.acceptance_rate(),
                 mean_accepted_length: s.mean_accepted_length(),
                 mean_draft_length: s.mean_draft_length(),
                 accepted_by_position: s.accepted_by_position(),
                 new_tokens: s.new_tokens,
                 mismatches: mismatches[i],
-                temperature: opts.gen.sampling.temperature,
+                temperature: opts.sampling.temperature,
             });
         }
     }

@@ -81,9 +81,22 @@ pub struct Outcome<'a> {
     pub confidences: &'a [f32],
 }
 
+/// The default most drafts per round (`--max-draft`): verifying up to 9 positions costs
+/// about one plain step where multi-row products are cheap (AMX, GPUs).
+pub const DEFAULT_MAX_DRAFT: usize = 8;
+
+/// The most drafts a round may propose: verifying more than 17 positions leaves the range
+/// where a verification costs about one plain step (our kernels stream the weights once for up
+/// to 16 rows; beyond, cost grows with every row), so longer drafts cannot pay.
+pub const MAX_DRAFT_LIMIT: usize = 16;
+
 pub trait Controller: Send {
     /// The most draft tokens for the coming round; 0 is a plain decoding step.
     fn plan(&mut self, costs: &Costs) -> usize;
+    /// Whether this controller ever drafts (`off` does not: its sequences skip the head).
+    fn drafts(&self) -> bool {
+        true
+    }
     /// Whether `after_draft` needs the draft's top-1 probability (a host read per draft step).
     fn wants_confidence(&self) -> bool {
         false
@@ -94,6 +107,28 @@ pub trait Controller: Send {
     }
     fn observe(&mut self, outcome: &Outcome);
     fn name(&self) -> String;
+}
+
+/// A borrowed controller drives a sequence and keeps what it learned for the next one.
+impl<C: Controller + ?Sized> Controller for &mut C {
+    fn plan(&mut self, costs: &Costs) -> usize {
+        (**self).plan(costs)
+    }
+    fn drafts(&self) -> bool {
+        (**self).drafts()
+    }
+    fn wants_confidence(&self) -> bool {
+        (**self).wants_confidence()
+    }
+    fn after_draft(&mut self, i: usize, confidence: f32, costs: &Costs) -> Next {
+        (**self).after_draft(i, confidence, costs)
+    }
+    fn observe(&mut self, outcome: &Outcome) {
+        (**self).observe(outcome)
+    }
+    fn name(&self) -> String {
+        (**self).name()
+    }
 }
 
 impl fmt::Debug for dyn Controller {
@@ -157,7 +192,7 @@ pub struct ThompsonConfig {
 impl Default for ThompsonConfig {
     fn default() -> Self {
         ThompsonConfig {
-            k_max: 8,
+            k_max: DEFAULT_MAX_DRAFT,
             prior: (1.0, 1.0),
             gamma: 0.995,
             allow_plain: true,
@@ -297,6 +332,9 @@ impl Controller for Fixed {
     fn plan(&mut self, _: &Costs) -> usize {
         self.0
     }
+    fn drafts(&self) -> bool {
+        self.0 > 0
+    }
     fn observe(&mut self, _: &Outcome) {}
     fn name(&self) -> String {
         if self.0 == 0 {
@@ -419,6 +457,53 @@ pub fn parse(name: &str, cfg: &ThompsonConfig) -> Result<Box<dyn Controller>, Co
             }
         }
     })
+}
+
+/// Refuses a `--max-draft` that cannot pay, and bounds it by what a generation of
+/// `max_new_tokens` can use (never more drafts than tokens left after the first one).
+pub fn draft_limit(max_draft: usize, max_new_tokens: usize) -> Result<usize, ControllerError> {
+    if max_draft == 0 || max_draft > MAX_DRAFT_LIMIT {
+        return Err(ControllerError(format!(
+            "--max-draft {max_draft}: a round drafts at least 1 and at most {MAX_DRAFT_LIMIT} \
+             tokens (verifying more than {} positions costs more with every extra row and \
+             cannot pay)",
+            MAX_DRAFT_LIMIT + 1
+        )));
+    }
+    Ok(max_draft.min(max_new_tokens.saturating_sub(1)).max(1))
+}
+
+impl ThompsonConfig {
+    /// The Beta prior warm-started from the head's held-out top-1 agreement when its training
+    /// recorded one (worth 4 observations), else uniform.
+    pub fn for_head(agreement: Option<f64>, k_max: usize, seed: u64) -> Self {
+        let mut cfg = ThompsonConfig {
+            k_max,
+            seed,
+            ..Default::default()
+        };
+        if let Some(alpha) = agreement {
+            cfg.prior = (1.0 + 4.0 * alpha, 1.0 + 4.0 * (1.0 - alpha));
+        }
+        cfg
+    }
+}
+
+/// The controller `name` for a run with or without a head (every controller but `off`
+/// drafts with one), its Thompson prior from the head's `agreement`.
+pub fn build(
+    name: &str,
+    has_head: bool,
+    agreement: Option<f64>,
+    k_max: usize,
+    seed: u64,
+) -> Result<Box<dyn Controller>, ControllerError> {
+    if !has_head && name != "off" {
+        return Err(ControllerError(format!(
+            "controller `{name}` drafts with an early-exit head: give --head DIR (or use --controller off)"
+        )));
+    }
+    parse(name, &ThompsonConfig::for_head(agreement, k_max, seed))
 }
 
 #[cfg(test)]

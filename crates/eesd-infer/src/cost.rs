@@ -1,14 +1,9 @@
 //! The controller's cost model, measured: seconds of a draft step and of verifying k+1
-//! positions, first by a short interleaved calibration on scratch caches, then refreshed from
-//! the real rounds (EESD.md section 2: "both measured online").
+//! positions, first by a short calibration ([`crate::engine::Engine::calibrate`]), then
+//! refreshed from the real rounds (EESD.md section 2: "both measured online"). Pure arithmetic
+//! over timings, tested without a model.
 
 use crate::controller::Costs;
-use crate::speculative::{Engine, Hidden};
-use crate::stats::median;
-use eesd_core::cache::KvCache;
-use eesd_core::device::synchronize;
-use std::time::Instant;
-use tch::{Kind, Tensor};
 
 /// Round costs as one shared machine speed times per-width relative costs, both learned
 /// online from the rounds' own timings.
@@ -103,90 +98,16 @@ impl CostTracker {
         }
     }
 
-    /// Times the draft step and every verify width on scratch caches holding `context`
-    /// random tokens (median of `reps` interleaved repetitions after a warm-up), so the first
-    /// round already has a measured cost model.
-    pub fn calibrate(engine: &Engine, k_max: usize, context: i64, reps: usize) -> Self {
-        let _g = tch::no_grad_guard();
-        let mut t = Self::new(k_max);
-        let base = engine.base;
-        let dev = base.device;
-        let k_max = k_max.min(engine.verify_width().map_or(k_max, |w| w - 1));
-        let mut cache = engine.new_cache(context as usize, k_max + 1);
-        let cap = cache.capacity();
-        let ids: Vec<u32> = Vec::<i64>::try_from(Tensor::randint(
-            base.cfg.vocab_size as i64,
-            [context],
-            (Kind::Int64, tch::Device::Cpu),
-        ))
-        .expect("random ids")
-        .into_iter()
-        .map(|t| t as u32)
-        .collect();
-        let mut head_cache = engine.new_head_cache(cap);
-        let _ = engine
-            .prefill(&ids, &mut cache, head_cache.as_mut())
-            .expect("calibration prefill");
-        let one = Tensor::from_slice(&[ids[0] as i64]).to_device(dev);
-        // Timed the way the decode loop runs (torch single-threaded on the native path).
-        let _threads = engine.decode_threads();
-        // Every width once per repetition, interleaved, so drift during the calibration
-        // shifts all widths alike; medians over repetitions drop the outliers.
-        let timed = |f: &mut dyn FnMut()| {
-            synchronize(dev);
-            let s = Instant::now();
-            f();
-            synchronize(dev);
-            s.elapsed().as_secs_f64()
-        };
-        let draft = |cache: &mut KvCache, hc: &mut KvCache| {
-            let h = engine.embed_lower(&one, cache).expect("draft step");
-            // `h` stands in for the previous final state: a head that reads one pays for it.
-            let (logits, _) = engine.head_logits(&h, Some(&h), hc).expect("draft step");
-            let _ = logits.argmax(-1, false).int64_value(&[0]);
-            cache.truncate(context);
-            hc.truncate(context);
-        };
-        let verify = |k: usize, cache: &mut KvCache| {
-            // Verification: [0, N) for one token, [N, L) over k+1 positions.
-            let h = engine.embed_lower(&one, cache).expect("verify");
-            let parts: Vec<Hidden> = (0..=k).map(|_| h.share()).collect();
-            let logits = engine
-                .upper_logits(&Hidden::cat(&parts), cache)
-                .expect("verify");
-            let _ = Vec::<i64>::try_from(
-                logits
-                    .argmax(-1, false)
-                    .reshape([-1])
-                    .to_device(tch::Device::Cpu),
-            );
-            cache.truncate(context);
-        };
-        let mut draft_secs = Vec::new();
-        let mut verify_secs = vec![Vec::new(); k_max + 1];
-        for rep in 0..=reps.max(1) {
-            if let Some(hc) = head_cache.as_mut() {
-                let d = timed(&mut || draft(&mut cache, hc));
-                if rep > 0 {
-                    draft_secs.push(d); // repetition 0 is the warm-up
-                }
-            }
-            for (k, v) in verify_secs.iter_mut().enumerate() {
-                let secs = timed(&mut || verify(k, &mut cache));
-                if rep > 0 {
-                    v.push(secs);
-                }
-            }
+    /// Replaces the model by a calibration's measurements ([`crate::engine::Engine::calibrate`]):
+    /// seconds of a plain step, verify costs of widths `0..relative.len()` relative to it, and
+    /// a draft step's relative cost if one was timed.
+    pub fn set_measured(&mut self, plain_secs: f64, relative: &[f64], draft: Option<f64>) {
+        *self = Self::new(self.k_max());
+        self.log_scale = Some(plain_secs.ln());
+        for (k, v) in relative.iter().enumerate().skip(1).take(self.k_max()) {
+            self.log_verify[k] = Some(v.ln());
         }
-        let plain = median(verify_secs[0].clone());
-        t.log_scale = Some(plain.ln());
-        for (k, v) in verify_secs.into_iter().enumerate().skip(1) {
-            t.log_verify[k] = Some((median(v) / plain).ln());
-        }
-        if !draft_secs.is_empty() {
-            t.log_draft = Some((median(draft_secs) / plain).ln());
-        }
-        t
+        self.log_draft = draft.map(f64::ln);
     }
 
     /// Costs relative to a plain step. Widths never timed are interpolated between timed

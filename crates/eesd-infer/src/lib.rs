@@ -1,12 +1,17 @@
-//! EESD inference: plain decoding (this crate's baseline), statistics, prompt input and the
-//! decode benchmark. The CLI in `main.rs` only parses flags and calls into here.
+//! EESD inference: the speculative engine over a backend chosen once, its controllers and cost
+//! model, statistics, prompt input and the benchmarks. The CLI in `main.rs` only parses flags
+//! and calls into here.
+//!
+//! - [`engine`]: sequences, the round (draft, verify, commit), calibration.
+//! - [`backends`]: the native CPU kernels and torch.
+//! - [`controller`]: where the draft length is decided; [`cost`]: what a round costs.
+//! - [`verify`]: acceptance of drafts against the base's distributions.
+pub mod backends;
 pub mod bench;
 pub mod bench_spec;
 pub mod controller;
 pub mod cost;
-pub mod graphs;
-pub mod plain;
+pub mod engine;
 pub mod prompts;
-pub mod speculative;
 pub mod stats;
 pub mod verify;

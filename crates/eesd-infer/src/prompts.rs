@@ -1,7 +1,9 @@
 //! Prompts from the command line or a file: JSONL with `id` and `prompt`, or plain text
-//! (one prompt per non-empty line).
+//! (one prompt per non-empty line); and the generated text streamed back.
 
 use anyhow::{bail, Context, Result};
+use eesd_core::tokenizer::Tokenizer;
+use std::io::Write;
 use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +53,51 @@ pub fn read_prompt_file(path: &Path) -> Result<Vec<Prompt>> {
         bail!("prompt file {} holds no prompts", path.display());
     }
     Ok(out)
+}
+
+/// Streams a generation's text to stdout as tokens arrive: each call prints the new suffix
+/// of the decoded ids, holding back an incomplete UTF-8 tail (decoded as U+FFFD).
+pub struct TextStream<'t> {
+    tokenizer: &'t Tokenizer,
+    printed: String,
+    on: bool,
+}
+
+impl<'t> TextStream<'t> {
+    /// A stream that prints only when `on` (off for `--json`).
+    pub fn new(tokenizer: &'t Tokenizer, on: bool) -> Self {
+        TextStream {
+            tokenizer,
+            printed: String::new(),
+            on,
+        }
+    }
+
+    /// The generated ids so far.
+    pub fn push(&mut self, ids: &[u32]) {
+        if !self.on {
+            return;
+        }
+        if let Ok(text) = self.tokenizer.decode(ids) {
+            if text.len() > self.printed.len()
+                && text.starts_with(&self.printed)
+                && !text.ends_with('\u{FFFD}')
+            {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&text.as_bytes()[self.printed.len()..]);
+                let _ = out.flush();
+                self.printed = text;
+            }
+        }
+    }
+
+    /// The final text: whatever was held back, then a newline.
+    pub fn finish(&mut self, text: &str) {
+        if text.len() > self.printed.len() && text.starts_with(&self.printed) {
+            print!("{}", &text[self.printed.len()..]);
+        }
+        println!();
+    }
 }
 
 #[cfg(test)]

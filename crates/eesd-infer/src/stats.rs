@@ -133,6 +133,22 @@ impl DecodeStats {
             .collect()
     }
 
+    /// The end-of-run summary line (llama.cpp style): prompt, decode rate, acceptance.
+    pub fn summary(&self, name: &str) -> String {
+        format!(
+            "{name}: prompt {} tok, {} new tok, decode {:.2} tok/s | rounds {}, drafted {}, accepted {}, acceptance {:.1}%, mean accepted length {:.2}, mean draft length {:.2}",
+            self.prompt_tokens,
+            self.new_tokens,
+            self.decode_tokens_per_s(),
+            self.rounds,
+            self.drafted,
+            self.accepted,
+            100.0 * self.acceptance_rate(),
+            self.mean_accepted_length(),
+            self.mean_draft_length()
+        )
+    }
+
     /// The JSON object of `--json`: the fields plus the derived rates.
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("stats serialise");

@@ -3,7 +3,9 @@
 //! the committed reference), on 52 prompts from GSM8K, HumanEval, MT-Bench and ShareGPT.
 
 use eesd_core::pretrained::Pretrained;
-use eesd_infer::plain::{generate, GenerateOptions};
+use eesd_infer::backends::{Kernels, NativeBackend, TorchBackend};
+use eesd_infer::controller::{parse, ThompsonConfig};
+use eesd_infer::engine::{Engine, GenerateOptions};
 use std::path::PathBuf;
 
 fn model_dir() -> PathBuf {
@@ -37,7 +39,11 @@ fn greedy_equals_transformers_on_the_default_model() {
         sampling: Default::default(),
         eos_ids: p.tokenizer.eos_ids.clone(),
     };
-    let engine = eesd_infer::speculative::Engine::new(&p.model, None);
+    // Native on CPU (the default), torch on CUDA.
+    let kernels = Kernels::parse(None, p.model.device).unwrap();
+    let mut native = (kernels == Kernels::Native)
+        .then(|| Engine::new(NativeBackend::new(&p.model, None).unwrap(), 1));
+    let mut torch = Engine::new(TorchBackend::new(&p.model, None, 9), 1);
     let mut n = 0;
     for line in refs.lines() {
         let r: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -52,8 +58,11 @@ fn greedy_equals_transformers_on_the_default_model() {
             prompt_ids, want_prompt,
             "{id}: chat template / tokenizer differ from transformers"
         );
-        let g = generate(&engine, &prompt_ids, &opts, |_| {}).unwrap();
-        assert_eq!(g.ids, want, "{id}: greedy ids differ from transformers");
+        let got = match native.as_mut() {
+            Some(engine) => generate(engine, &prompt_ids, &opts, "off"),
+            None => generate(&mut torch, &prompt_ids, &opts, "off"),
+        };
+        assert_eq!(got, want, "{id}: greedy ids differ from transformers");
         n += 1;
     }
     assert!(n >= 20, "only {n} reference prompts");
@@ -65,9 +74,6 @@ fn greedy_equals_transformers_on_the_default_model() {
 #[test]
 fn speculative_greedy_equals_transformers_on_the_default_model() {
     use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec};
-    use eesd_infer::controller::{parse, ThompsonConfig};
-    use eesd_infer::cost::CostTracker;
-    use eesd_infer::speculative::{generate as spec_generate, Engine, SpecOptions};
     const TOKENS: usize = 12;
     let dir = model_dir();
     assert!(dir.join("config.json").is_file(), "run `just setup` first");
@@ -96,18 +102,15 @@ fn speculative_greedy_equals_transformers_on_the_default_model() {
         })
         .collect();
     assert!(cases.len() >= 50, "{} reference prompts", cases.len());
-    let opts = SpecOptions {
-        gen: GenerateOptions {
-            max_new_tokens: TOKENS,
-            sampling: Default::default(),
-            eos_ids: p.tokenizer.eos_ids.clone(),
-        },
-        time_every: 1,
-        check_invariants: true,
+    let opts = GenerateOptions {
+        max_new_tokens: TOKENS,
+        sampling: Default::default(),
+        eos_ids: p.tokenizer.eos_ids.clone(),
     };
     for (hname, head) in [("random", &random), ("trained", &trained)] {
-        let engine = Engine::new(&p.model, Some(head));
-        let mut costs = CostTracker::calibrate(&engine, 8, 32, 2);
+        let mut engine = Engine::new(NativeBackend::new(&p.model, Some(head)).unwrap(), 8);
+        engine.check_invariants = true;
+        engine.calibrate(32, 2).unwrap();
         for name in [
             "off",
             "thompson",
@@ -119,8 +122,7 @@ fn speculative_greedy_equals_transformers_on_the_default_model() {
         ] {
             let mut c = parse(name, &ThompsonConfig::default()).unwrap();
             for (id, prompt, want) in &cases {
-                let got =
-                    spec_generate(&engine, prompt, &opts, c.as_mut(), &mut costs, |_| {}).unwrap();
+                let got = engine.generate(prompt, &opts, c.as_mut(), |_| {}).unwrap();
                 assert_eq!(&got.ids, want, "{hname} head, {name}, {id}");
             }
         }
@@ -134,9 +136,6 @@ fn speculative_greedy_equals_transformers_on_the_default_model() {
 #[test]
 fn bf16_speculative_equals_plain_bf16_on_the_default_model() {
     use eesd_core::head::EarlyExitHead;
-    use eesd_infer::controller::{parse, ThompsonConfig};
-    use eesd_infer::cost::CostTracker;
-    use eesd_infer::speculative::{generate as spec_generate, Engine, Kernels, SpecOptions};
     let dir = model_dir();
     assert!(dir.join("config.json").is_file(), "run `just setup` first");
     let p = Pretrained::load(dir.to_str().unwrap(), tch::Device::Cpu, tch::Kind::BFloat16).unwrap();
@@ -163,27 +162,46 @@ fn bf16_speculative_equals_plain_bf16_on_the_default_model() {
         ),
         (Kernels::Torch, 4, 12, &["thompson", "fixed:3"][..]),
     ] {
-        let opts = SpecOptions {
-            gen: GenerateOptions {
-                max_new_tokens: tokens,
-                sampling: Default::default(),
-                eos_ids: p.tokenizer.eos_ids.clone(),
-            },
-            time_every: 1,
-            check_invariants: true,
+        let opts = GenerateOptions {
+            max_new_tokens: tokens,
+            sampling: Default::default(),
+            eos_ids: p.tokenizer.eos_ids.clone(),
         };
-        let engine = Engine::with_kernels(&p.model, Some(&head), kernels)
-            .unwrap()
-            .with_verify_width(9);
-        let mut costs = CostTracker::calibrate(&engine, 8, 32, 2);
-        for prompt in &prompts[..n_prompts] {
-            let want = generate(&engine, prompt, &opts.gen, |_| {}).unwrap().ids;
-            for name in controllers {
-                let mut c = parse(name, &ThompsonConfig::default()).unwrap();
-                let got =
-                    spec_generate(&engine, prompt, &opts, c.as_mut(), &mut costs, |_| {}).unwrap();
-                assert_eq!(got.ids, want, "{kernels:?} bf16, {name}");
+        let run = |engine: &mut dyn FnMut(&[u32], &str) -> Vec<u32>| {
+            for prompt in &prompts[..n_prompts] {
+                let want = engine(prompt, "off");
+                for name in controllers {
+                    assert_eq!(engine(prompt, name), want, "{kernels:?} bf16, {name}");
+                }
+            }
+        };
+        match kernels {
+            Kernels::Native => {
+                let mut e = Engine::new(NativeBackend::new(&p.model, Some(&head)).unwrap(), 8);
+                e.check_invariants = true;
+                e.calibrate(32, 2).unwrap();
+                run(&mut |prompt, name| generate(&mut e, prompt, &opts, name));
+            }
+            Kernels::Torch => {
+                let mut e = Engine::new(TorchBackend::new(&p.model, Some(&head), 9), 8);
+                e.check_invariants = true;
+                e.calibrate(32, 2).unwrap();
+                run(&mut |prompt, name| generate(&mut e, prompt, &opts, name));
             }
         }
     }
+}
+
+/// Greedy ids of `prompt` under controller `name` (`off`: plain decoding through the engine).
+fn generate<B: eesd_infer::engine::Backend>(
+    engine: &mut Engine<B>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    name: &str,
+) -> Vec<u32> {
+    let mut c = parse(name, &ThompsonConfig::default()).unwrap();
+    engine
+        .generate(prompt, opts, c.as_mut(), |_| {})
+        .unwrap()
+        .ids
 }

@@ -7,10 +7,9 @@ use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec};
 use eesd_core::model::Llama;
 use eesd_core::sampling::SamplingParams;
 use eesd_core::weights::Weights;
-use eesd_infer::controller::{parse, Controller, Costs, Next, Outcome, ThompsonConfig};
-use eesd_infer::cost::CostTracker;
-use eesd_infer::plain::{self, GenerateOptions};
-use eesd_infer::speculative::{generate, Engine, Kernels, SpecOptions};
+use eesd_infer::backends::{Kernels, NativeBackend, TorchBackend};
+use eesd_infer::controller::{parse, Controller, Costs, Fixed, Next, Outcome, ThompsonConfig};
+use eesd_infer::engine::{Engine, GenerateOptions, Request};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
@@ -24,6 +23,38 @@ const CONTROLLERS: &[&str] = &[
     "confidence:0.3",
     "off",
 ];
+
+/// Runs `$body` with `$engine` on the backend `$kernels` names, drafting at most `$k_max`
+/// tokens a round, invariants checked after every round. The torch backend always verifies 9
+/// rows (its static shape), so plain and speculative engines share one kernel shape.
+macro_rules! on_backend {
+    ($kernels:expr, $base:expr, $head:expr, $k_max:expr, |$engine:ident| $body:expr) => {
+        match $kernels {
+            Kernels::Native => {
+                let backend = NativeBackend::new($base, $head).unwrap();
+                let mut $engine = Engine::new(backend, $k_max);
+                $engine.check_invariants = true;
+                $body
+            }
+            Kernels::Torch => {
+                let backend = TorchBackend::new($base, $head, 9);
+                let mut $engine = Engine::new(backend, $k_max);
+                $engine.check_invariants = true;
+                $body
+            }
+        }
+    };
+}
+
+/// Plain decoding of `prompt` (no head, controller `off`) on `kernels`.
+fn plain(base: &Llama, kernels: Kernels, prompt: &[u32], o: &GenerateOptions) -> Vec<u32> {
+    on_backend!(kernels, base, None, 1, |engine| {
+        engine
+            .generate(prompt, o, &mut Fixed(0), |_| {})
+            .unwrap()
+            .ids
+    })
+}
 
 /// Torch's random generator is global: a test reseeding it (`head`, `prompts`) while the
 /// sampling test draws from it repeats that test's draws and can fail its chi-square test.
@@ -161,15 +192,12 @@ fn a_final_state_head_reads_the_verified_states_of_the_previous_positions() {
     let o = opts(max_new, SamplingParams::default());
     let (mut rejected, mut accepted) = (0, 0);
     for kernels in [Kernels::Native, Kernels::Torch] {
-        let plain_engine = Engine::with_kernels(&base, None, kernels).unwrap();
-        let engine = Engine::with_kernels(&base, Some(&head), kernels).unwrap();
-        let mut costs = CostTracker::new(1);
         for p in prompts(&base, 6) {
-            let want = plain::generate(&plain_engine, &p, &o.gen, |_| {})
-                .unwrap()
-                .ids;
+            let want = plain(&base, kernels, &p, &o);
             let mut rec = Recorder(Vec::new());
-            let got = generate(&engine, &p, &o, &mut rec, &mut costs, |_| {}).unwrap();
+            let got = on_backend!(kernels, &base, Some(&head), 1, |engine| {
+                engine.generate(&p, &o, &mut rec, |_| {}).unwrap()
+            });
             assert_eq!(got.ids, want, "{kernels:?}");
             let seq: Vec<u32> = p.iter().chain(&want).copied().collect();
             let (arg, top) = teacher_forced_drafts(&base, &head, &seq);
@@ -238,15 +266,11 @@ fn prompts(base: &Llama, n: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn opts(max_new: usize, sampling: SamplingParams) -> SpecOptions {
-    SpecOptions {
-        gen: GenerateOptions {
-            max_new_tokens: max_new,
-            sampling,
-            eos_ids: vec![2],
-        },
-        time_every: 1,
-        check_invariants: true,
+fn opts(max_new: usize, sampling: SamplingParams) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: max_new,
+        sampling,
+        eos_ids: vec![2],
     }
 }
 
@@ -275,37 +299,35 @@ fn greedy_equals_plain(model: &str, kernels: Kernels, kind: Kind) {
             ),
         ];
         let o = opts(24, SamplingParams::default());
-        let plain_engine = Engine::with_kernels(&base, None, kernels).unwrap();
         for p in prompts(&base, 6) {
-            let want = plain::generate(&plain_engine, &p, &o.gen, |_| {})
-                .unwrap()
-                .ids;
+            let want = plain(&base, kernels, &p, &o);
             for (hname, h) in &heads {
-                let engine = Engine::with_kernels(&base, Some(h), kernels).unwrap();
-                let mut costs = CostTracker::calibrate(&engine, 6, 16, 2);
-                for name in CONTROLLERS {
-                    let mut c = parse(
-                        name,
-                        &ThompsonConfig {
-                            k_max: 6,
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap();
-                    let got = generate(&engine, &p, &o, c.as_mut(), &mut costs, |_| {}).unwrap();
-                    assert_eq!(
-                        got.ids, want,
-                        "{model} {kernels:?} {kind:?}, {hname} head, {name}"
-                    );
-                    let s = &got.stats;
-                    assert!(s.accepted <= s.drafted && s.rounds <= got.ids.len());
-                    if *hname == "perfect" && *name == "fixed:4" && got.ids.len() > 8 {
-                        assert!(
-                            s.acceptance_rate() > 0.99,
-                            "a replica draft is always accepted: {s:?}"
+                on_backend!(kernels, &base, Some(h), 6, |engine| {
+                    engine.calibrate(16, 2).unwrap();
+                    for name in CONTROLLERS {
+                        let mut c = parse(
+                            name,
+                            &ThompsonConfig {
+                                k_max: 6,
+                                ..Default::default()
+                            },
+                        )
+                        .unwrap();
+                        let got = engine.generate(&p, &o, c.as_mut(), |_| {}).unwrap();
+                        assert_eq!(
+                            got.ids, want,
+                            "{model} {kernels:?} {kind:?}, {hname} head, {name}"
                         );
+                        let s = &got.stats;
+                        assert!(s.accepted <= s.drafted && s.rounds <= got.ids.len());
+                        if *hname == "perfect" && *name == "fixed:4" && got.ids.len() > 8 {
+                            assert!(
+                                s.acceptance_rate() > 0.99,
+                                "a replica draft is always accepted: {s:?}"
+                            );
+                        }
                     }
-                }
+                });
             }
         }
     }
@@ -316,12 +338,13 @@ fn off_without_a_head_is_plain_decoding() {
     let _turn = rng_turn();
     let base = load("gqa_tied_headdim");
     let o = opts(20, SamplingParams::default());
-    let engine = Engine::new(&base, None);
-    let mut costs = CostTracker::new(4);
+    let kernels = Kernels::parse(None, base.device).unwrap();
     for p in prompts(&base, 4) {
-        let want = plain::generate(&engine, &p, &o.gen, |_| {}).unwrap().ids;
+        let want = plain(&base, kernels, &p, &o);
         let mut c = parse("thompson", &ThompsonConfig::default()).unwrap();
-        let got = generate(&engine, &p, &o, c.as_mut(), &mut costs, |_| {}).unwrap();
+        let got = on_backend!(kernels, &base, None, 4, |engine| {
+            engine.generate(&p, &o, c.as_mut(), |_| {}).unwrap()
+        });
         assert_eq!(got.ids, want);
         assert_eq!(got.stats.drafted, 0);
     }
@@ -368,27 +391,30 @@ fn sampled_tokens_follow_the_base_distribution() {
         ("poor", poor),
         ("good", head(&base, HeadInit::LastLayer, l - 1, None)),
     ] {
-        let engine = Engine::new(&base, Some(&h));
-        let mut costs = CostTracker::calibrate(&engine, 4, 8, 1);
+        let kernels = Kernels::parse(None, base.device).unwrap();
         let n = 3000;
-        let mut counts = vec![0f64; v];
         let o = opts(4, sampling); // room for drafts after the first token
-        tch::manual_seed(123);
-        for _ in 0..n {
-            let mut c = parse(
-                "fixed:3",
-                &ThompsonConfig {
-                    k_max: 4,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            let g = generate(&engine, &prompt, &o, c.as_mut(), &mut costs, |_| {}).unwrap();
-            if g.ids[0] == 2 {
-                continue; // EOS first: no second token (counted in neither)
+        let counts = on_backend!(kernels, &base, Some(&h), 4, |engine| {
+            engine.calibrate(8, 1).unwrap();
+            let mut counts = vec![0f64; v];
+            tch::manual_seed(123);
+            for _ in 0..n {
+                let mut c = parse(
+                    "fixed:3",
+                    &ThompsonConfig {
+                        k_max: 4,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let g = engine.generate(&prompt, &o, c.as_mut(), |_| {}).unwrap();
+                if g.ids[0] == 2 {
+                    continue; // EOS first: no second token (counted in neither)
+                }
+                counts[g.ids[1] as usize] += 1.0;
             }
-            counts[g.ids[1] as usize] += 1.0;
-        }
+            counts
+        });
         let total: f64 = counts.iter().sum();
         let eos_mass = p1[2] as f64;
         // Pool cells with small expectation so the chi-square approximation holds.
@@ -418,5 +444,71 @@ fn sampled_tokens_follow_the_base_distribution() {
             chi2 < critical,
             "{hname} draft: chi2 = {chi2:.1} with {df} df (critical {critical:.1})"
         );
+    }
+}
+
+/// The engine steps many sequences at once: in batches of 1, 3 and 8 with mixed prompts,
+/// lengths and controllers (plain ones among them), every sequence's greedy output equals its
+/// output alone, on the native kernels (one pass for all rows) and on torch.
+#[test]
+fn batched_sequences_equal_each_alone() {
+    let _turn = rng_turn();
+    let controllers = [
+        "thompson",
+        "fixed:3",
+        "off",
+        "confidence:0.3",
+        "fixed:1",
+        "heuristic",
+        "thompson-calibrated",
+        "fixed:4",
+    ];
+    let cfg = ThompsonConfig {
+        k_max: 4,
+        ..Default::default()
+    };
+    let paths: Vec<(Kernels, Kind)> = exact_paths()
+        .into_iter()
+        .filter(|(_, kind)| *kind != Kind::Half)
+        .collect();
+    for (kernels, kind) in paths {
+        let base = load_as("gqa_tied_headdim", kind);
+        let l = base.num_layers();
+        let good = head(&base, HeadInit::LastLayer, l - 1, None);
+        let prompts = prompts(&base, 8);
+        // Lengths differ, and one prompt stops at its first EOS (id 2) where it meets one.
+        let opts_of = |i: usize| opts(4 + 5 * i, SamplingParams::default());
+        let alone: Vec<Vec<u32>> = (0..8)
+            .map(|i| {
+                on_backend!(kernels, &base, Some(&good), 4, |engine| {
+                    let mut c = parse(controllers[i], &cfg).unwrap();
+                    engine
+                        .generate(&prompts[i], &opts_of(i), c.as_mut(), |_| {})
+                        .unwrap()
+                        .ids
+                })
+            })
+            .collect();
+        for batch in [1usize, 3, 8] {
+            let got = on_backend!(kernels, &base, Some(&good), 4, |engine| {
+                let requests = (0..batch)
+                    .map(|i| Request {
+                        prompt: &prompts[i],
+                        opts: opts_of(i),
+                        controller: parse(controllers[i], &cfg).unwrap(),
+                    })
+                    .collect();
+                engine.generate_batch(requests).unwrap()
+            });
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(
+                    g.ids, alone[i],
+                    "{kernels:?} {kind:?}: sequence {i} ({}) in a batch of {batch}",
+                    controllers[i]
+                );
+            }
+            let drafted: usize = got.iter().map(|g| g.stats.drafted).sum();
+            assert!(batch == 1 || drafted > 0, "the batch drafted nothing");
+        }
     }
 }

@@ -159,32 +159,26 @@ fn gen_distill_and_the_head_loads_in_the_decoder() {
 
 /// `head` drafts 3 tokens a round on each row's prompt: output equal to plain decoding.
 fn decodes_losslessly(p: &Pretrained, head: &eesd_core::head::EarlyExitHead, rows: &[TeacherRow]) {
-    let engine = eesd_infer::speculative::Engine::new(&p.model, Some(head));
-    let mut costs = eesd_infer::cost::CostTracker::calibrate(&engine, 4, 8, 1);
-    let gen_opts = eesd_infer::plain::GenerateOptions {
+    use eesd_infer::backends::NativeBackend;
+    use eesd_infer::engine::{Engine, GenerateOptions};
+    let mut engine = Engine::new(NativeBackend::new(&p.model, Some(head)).unwrap(), 4);
+    engine.check_invariants = true;
+    engine.calibrate(8, 1).unwrap();
+    let opts = GenerateOptions {
         max_new_tokens: 16,
         sampling: Default::default(),
         eos_ids: vec![],
     };
-    let opts = eesd_infer::speculative::SpecOptions {
-        gen: gen_opts.clone(),
-        time_every: 1,
-        check_invariants: true,
-    };
     for r in rows {
-        let want = eesd_infer::plain::generate(&engine, &r.prompt_ids, &gen_opts, |_| {})
+        let mut off = eesd_infer::controller::Fixed(0);
+        let want = engine
+            .generate(&r.prompt_ids, &opts, &mut off, |_| {})
             .unwrap()
             .ids;
         let mut c = eesd_infer::controller::parse("fixed:3", &Default::default()).unwrap();
-        let got = eesd_infer::speculative::generate(
-            &engine,
-            &r.prompt_ids,
-            &opts,
-            c.as_mut(),
-            &mut costs,
-            |_| {},
-        )
-        .unwrap();
+        let got = engine
+            .generate(&r.prompt_ids, &opts, c.as_mut(), |_| {})
+            .unwrap();
         assert_eq!(got.ids, want);
         assert!(got.stats.drafted > 0);
     }

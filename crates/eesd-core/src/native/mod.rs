@@ -377,9 +377,27 @@ impl Stack {
         range: Range<usize>,
         cache: &mut KvCache,
     ) -> Result<()> {
+        self.forward_batch(ctx, rope, x, &mut [Segment { cache, rows: t }], range)
+    }
+
+    /// [`Self::forward`] for the rows of several sequences at once: `x` holds each segment's
+    /// rows in turn, and segment `s` appends its rows to its own cache at its own length. The
+    /// weight products stream every weight once for all rows; attention runs per segment. A
+    /// row's bits do not depend on the other segments: every per-row result is one fixed order
+    /// of operations, whatever the row count (see the module doc).
+    pub fn forward_batch(
+        &self,
+        ctx: &Ctx,
+        rope: &RopeF32,
+        x: &mut [f32],
+        segs: &mut [Segment],
+        range: Range<usize>,
+    ) -> Result<()> {
         let cache_start = range.start;
         let d = self.dims;
         let (h, nh, nkv, hd) = (d.hidden, d.heads, d.kv_heads, d.head_dim);
+        let t: usize = segs.iter().map(|s| s.rows).sum();
+        debug_assert_eq!(x.len(), t * h);
         let qkv_w = (nh + 2 * nkv) * hd;
         let mut xn = vec![0f32; t * h];
         let mut qkv = vec![0f32; t * qkv_w];
@@ -389,35 +407,43 @@ impl Stack {
         let mut gu = vec![0f32; t * 2 * d.intermediate];
         let mut act = vec![0f32; t * d.intermediate];
         for (j, layer) in self.layers[range].iter().enumerate() {
-            let lc = &mut cache.layers[cache_start + j];
-            let offset = lc.len as usize;
-            let cv = CacheView::of(lc)?;
-            if offset + t > cv.capacity {
-                return Err(Error::Input(format!(
-                    "KV cache overflow: {offset} + {t} > {}",
-                    cv.capacity
-                )));
-            }
-            // Attention block.
+            // Attention block: weight products over all rows, attention per segment.
             rms_norm(x, &layer.in_norm, d.eps, &mut xn);
             layer.qkv.forward(ctx, &xn, t, &mut qkv);
-            for i in 0..t {
-                let row = &mut qkv[i * qkv_w..(i + 1) * qkv_w];
-                for head in 0..nh + nkv {
-                    rope.apply(&mut row[head * hd..(head + 1) * hd], offset + i);
+            let mut first = 0; // the segment's first row
+            for seg in segs.iter_mut() {
+                let n = seg.rows;
+                let lc = &mut seg.cache.layers[cache_start + j];
+                let offset = lc.len as usize;
+                let cv = CacheView::of(lc)?;
+                if offset + n > cv.capacity {
+                    return Err(Error::Input(format!(
+                        "KV cache overflow: {offset} + {n} > {}",
+                        cv.capacity
+                    )));
                 }
-                q[i * nh * hd..(i + 1) * nh * hd].copy_from_slice(&row[..nh * hd]);
-                for g in 0..nkv {
-                    let k = &row[(nh + g) * hd..][..hd];
-                    let v = &row[(nh + nkv + g) * hd..][..hd];
-                    // SAFETY: offset + i < capacity (checked above).
-                    unsafe {
-                        simd::store(cv.row(cv.k, g, offset + i, hd), cv.kind, k);
-                        simd::store(cv.row(cv.v, g, offset + i, hd), cv.kind, v);
+                for i in 0..n {
+                    let r = first + i;
+                    let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
+                    for head in 0..nh + nkv {
+                        rope.apply(&mut row[head * hd..(head + 1) * hd], offset + i);
+                    }
+                    q[r * nh * hd..(r + 1) * nh * hd].copy_from_slice(&row[..nh * hd]);
+                    for g in 0..nkv {
+                        let k = &row[(nh + g) * hd..][..hd];
+                        let v = &row[(nh + nkv + g) * hd..][..hd];
+                        // SAFETY: offset + i < capacity (checked above).
+                        unsafe {
+                            simd::store(cv.row(cv.k, g, offset + i, hd), cv.kind, k);
+                            simd::store(cv.row(cv.v, g, offset + i, hd), cv.kind, v);
+                        }
                     }
                 }
+                let span = first * nh * hd..(first + n) * nh * hd;
+                attention(ctx, &d, &q[span.clone()], n, offset, &cv, &mut attn[span]);
+                lc.len = (offset + n) as i64;
+                first += n;
             }
-            attention(ctx, &d, &q, t, offset, &cv, &mut attn);
             layer.o.forward(ctx, &attn, t, &mut proj);
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
@@ -439,10 +465,15 @@ impl Stack {
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
-            lc.len = (offset + t) as i64;
         }
         Ok(())
     }
+}
+
+/// The rows of one sequence in a batched pass: how many, and the cache they extend.
+pub struct Segment<'c> {
+    pub cache: &'c mut KvCache,
+    pub rows: usize,
 }
 
 /// Final norm + LM head: `x` `[t, hidden]` -> logits `[t, out]`.
@@ -529,6 +560,18 @@ impl NativeModel {
             .forward(&self.ctx, &self.rope, x, t, range, cache)
     }
 
+    /// [`Self::forward_layers`] over the rows of several sequences at once (see
+    /// [`Stack::forward_batch`]).
+    pub fn forward_layers_batch(
+        &self,
+        x: &mut [f32],
+        segs: &mut [Segment],
+        range: Range<usize>,
+    ) -> Result<()> {
+        self.stack
+            .forward_batch(&self.ctx, &self.rope, x, segs, range)
+    }
+
     /// Final norm + LM head: logits `[t, V]` (f32).
     pub fn logits(&self, x: &[f32], t: usize) -> Tensor {
         self.output.logits(&self.ctx, x, t)
@@ -587,22 +630,57 @@ impl NativeHead {
         prev: Option<&[f32]>,
         cache: &mut KvCache,
     ) -> Result<(Tensor, Vec<f32>)> {
-        if let (Some((w, eps, proj)), Some(prev)) = (&self.final_state, prev) {
-            let mut normed = vec![0f32; prev.len()];
-            rms_norm(prev, w, *eps, &mut normed);
-            let mut add = vec![0f32; x.len()];
-            proj.forward(&model.ctx, &normed, t, &mut add);
-            for (a, b) in x.iter_mut().zip(&add) {
-                *a += b;
+        let mut out =
+            self.forward_last_batch(model, x, &mut [Segment { cache, rows: t }], &[prev])?;
+        Ok(out.remove(0))
+    }
+
+    /// [`Self::forward_last`] for several sequences at once: `x` holds each segment's rows in
+    /// turn, `prev[s]` the final states before segment `s`'s rows. Returns each segment's
+    /// draft logits `[1, V_d]` and last normed state, every row with the bits it gets alone.
+    pub fn forward_last_batch(
+        &self,
+        model: &NativeModel,
+        x: &mut [f32],
+        segs: &mut [Segment],
+        prev: &[Option<&[f32]>],
+    ) -> Result<Vec<(Tensor, Vec<f32>)>> {
+        let h = self.stack.dims.hidden;
+        if let Some((w, eps, proj)) = &self.final_state {
+            let mut first = 0;
+            for (seg, prev) in segs.iter().zip(prev) {
+                let n = seg.rows;
+                if let Some(prev) = prev {
+                    let mut normed = vec![0f32; n * h];
+                    rms_norm(prev, w, *eps, &mut normed);
+                    let mut add = vec![0f32; n * h];
+                    proj.forward(&model.ctx, &normed, n, &mut add);
+                    for (a, b) in x[first * h..(first + n) * h].iter_mut().zip(&add) {
+                        *a += b;
+                    }
+                }
+                first += n;
             }
         }
-        let n = self.stack.layers.len();
+        let layers = self.stack.layers.len();
         self.stack
-            .forward(&model.ctx, &model.rope, x, t, 0..n, cache)?;
-        let h = self.stack.dims.hidden;
-        Ok(self
-            .output
-            .logits_and_normed(&model.ctx, &x[(t - 1) * h..], 1))
+            .forward_batch(&model.ctx, &model.rope, x, segs, 0..layers)?;
+        // The last row of each segment, through the norm and the LM head together.
+        let mut last = Vec::with_capacity(segs.len() * h);
+        let mut end = 0;
+        for seg in segs.iter() {
+            end += seg.rows;
+            last.extend_from_slice(&x[(end - 1) * h..end * h]);
+        }
+        let (logits, normed) = self.output.logits_and_normed(&model.ctx, &last, segs.len());
+        Ok((0..segs.len())
+            .map(|s| {
+                (
+                    logits.narrow(0, s as i64, 1),
+                    normed[s * h..(s + 1) * h].to_vec(),
+                )
+            })
+            .collect())
     }
 }
 

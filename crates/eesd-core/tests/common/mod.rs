@@ -26,9 +26,14 @@ pub const CASES: &[&str] = &["mha_untied", "gqa_tied_headdim", "llama3_rope"];
 
 /// A fixture model in f32 on the test device.
 pub fn load(name: &str) -> Llama {
+    load_on(name, device())
+}
+
+/// A fixture model in f32 on `device`.
+pub fn load_on(name: &str, device: Device) -> Llama {
     let dir = fixture(name);
     let cfg = LlamaConfig::from_file(&dir.join("config.json")).expect("fixture config");
-    let w = Weights::open_dir(&dir, Kind::Float, device()).expect("fixture weights");
+    let w = Weights::open_dir(&dir, Kind::Float, device).expect("fixture weights");
     Llama::load(cfg, &w).expect("fixture model")
 }
 

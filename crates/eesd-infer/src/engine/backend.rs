@@ -1,0 +1,163 @@
+//! What the engine needs from the kernels that run the model, as one trait.
+//!
+//! A backend is chosen once (native CPU kernels or torch, see [`crate::backends`]); the states
+//! it hands out are its own associated types, so giving one backend's hidden states to another
+//! does not compile. Every call takes the rows of several sequences at once (one slice entry
+//! per sequence, each with its own cache), so a backend may run them through the weight
+//! products together; a row must get the same bits alone or batched, which is what keeps
+//! batched greedy output equal to each sequence's output alone.
+
+use crate::verify::Verdict;
+use eesd_core::sampling::SamplingParams;
+use eesd_core::Result;
+
+/// The positions (rows) of one sequence's hidden states, `[T, H]`.
+pub trait Rows: Sized {
+    fn rows(&self) -> usize;
+    /// Row `i` alone.
+    fn row(&self, i: usize) -> Self;
+    /// The rows of `parts` in turn (at least one part).
+    fn cat(parts: &[&Self]) -> Self;
+    /// Another handle on the same rows (a view on torch, a copy of a few KB natively).
+    fn share(&self) -> Self;
+}
+
+/// One sequence's KV cache (the base's, or the head's own): a length per layer, rolled back
+/// by truncation.
+pub trait Cache {
+    /// Positions held by the first layer (the lower layers run ahead while drafting).
+    fn positions(&self) -> usize;
+    /// The positions every layer holds, or `None` while layers differ.
+    fn uniform_positions(&self) -> Option<usize>;
+    /// Shortens every layer to at most `len` positions (O(1): nothing is copied).
+    fn roll_back(&mut self, len: usize);
+}
+
+/// A draft token chosen from the head's logits.
+pub struct Drafted<B: Backend + ?Sized> {
+    pub token: B::Token,
+    /// The draft's top-1 probability, when asked for (a host read per draft step).
+    pub confidence: Option<f32>,
+    /// The processed draft distribution over the full vocabulary, when sampling.
+    pub q: Option<B::Probs>,
+}
+
+/// The model split at the exit layer N, its head, and the kernels that run them.
+pub trait Backend {
+    /// Hidden states of some positions of one sequence: layer-N states or final states.
+    type Hidden: Rows;
+    /// A token where the backend keeps it (a device tensor on torch, so drafting needs no host
+    /// read per step).
+    type Token;
+    /// Logits of some positions of one sequence: the base's `[T, V]`, the head's `[1, V_d]`.
+    type Logits;
+    /// A draft's processed distribution over the full vocabulary (sampling only).
+    type Probs;
+    type Cache: Cache;
+
+    /// Positions the model can attend over (`max_position_embeddings`).
+    fn context_len(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// Whether a head is loaded: without one every round is a plain step.
+    fn has_head(&self) -> bool;
+    /// Whether the head also reads the base's final state of the previous position.
+    fn head_reads_finals(&self) -> bool;
+    /// The most positions one verification may check, where the backend bounds it.
+    fn verify_width(&self) -> Option<usize>;
+    /// Time every this many rounds for the cost model (a timed round synchronises twice).
+    fn timing_interval(&self) -> u64 {
+        1
+    }
+
+    /// Caches for a prompt of `prompt_len` tokens and `max_new` new ones: the base's and, when
+    /// `drafting`, the head's.
+    fn new_caches(
+        &self,
+        prompt_len: usize,
+        max_new: usize,
+        drafting: bool,
+    ) -> (Self::Cache, Option<Self::Cache>);
+    /// The prompt through every layer (and the head, given its cache): the logits of the last
+    /// position and its final state (what a final-state head reads for the next position).
+    fn prefill(
+        &self,
+        prompt: &[u32],
+        cache: &mut Self::Cache,
+        head_cache: Option<&mut Self::Cache>,
+    ) -> Result<(Self::Logits, Self::Hidden)>;
+
+    fn token(&self, id: u32) -> Self::Token;
+    /// Tokens to host ids (one host read).
+    fn token_ids(&self, tokens: &[Self::Token]) -> Result<Vec<u32>>;
+
+    /// One token per sequence embedded and run through layers `[0, N)`: its layer-N state.
+    fn lower(
+        &self,
+        tokens: &[&Self::Token],
+        caches: &mut [&mut Self::Cache],
+    ) -> Result<Vec<Self::Hidden>>;
+    /// Layer-N states through `[N, L)`, the final norm and the LM head: per sequence, logits
+    /// `[T, V]` and the final states after the norm.
+    fn upper(
+        &self,
+        states: &[&Self::Hidden],
+        caches: &mut [&mut Self::Cache],
+    ) -> Result<Vec<(Self::Logits, Self::Hidden)>>;
+    /// Layer-N states through the head (filling its cache): per sequence, the draft logits of
+    /// the last row `[1, V_d]` and that row's normed head state. `prev`: the base's final
+    /// states of the positions before those rows, for a head that reads them (`None`: zeros).
+    fn draft(
+        &self,
+        states: &[&Self::Hidden],
+        prev: &[Option<&Self::Hidden>],
+        head_caches: &mut [&mut Self::Cache],
+    ) -> Result<Vec<(Self::Logits, Self::Hidden)>>;
+
+    /// The prefill's token: argmax, or a draw from the processed distribution.
+    fn first_token(&self, logits: &Self::Logits, sampling: &SamplingParams) -> Result<u32>;
+    /// A draft token from the head's logits: argmax when greedy, else a draw from the
+    /// processed draft distribution, which is returned for the verification.
+    fn choose_draft(
+        &self,
+        logits: &Self::Logits,
+        sampling: &SamplingParams,
+        want_confidence: bool,
+    ) -> Result<Drafted<Self>>;
+    /// The verdict on `drafts` from the base's logits over their k+1 positions (greedy
+    /// matching or rejection sampling against `q`, see [`crate::verify`]).
+    fn judge(
+        &self,
+        logits: &Self::Logits,
+        drafts: &[Self::Token],
+        q: &[Self::Probs],
+        sampling: &SamplingParams,
+    ) -> Result<Verdict>;
+
+    /// Waits for queued device work (before a clock is read).
+    fn synchronize(&self) {}
+    /// Settings a decode loop runs under until the guard drops (see the native backend).
+    fn decode_threads(&self) -> DecodeGuard {
+        DecodeGuard::none()
+    }
+}
+
+/// Undoes what a backend set for a decode loop when dropped.
+pub struct DecodeGuard(Option<Box<dyn FnOnce()>>);
+
+impl DecodeGuard {
+    pub fn none() -> Self {
+        DecodeGuard(None)
+    }
+
+    pub fn restoring(undo: impl FnOnce() + 'static) -> Self {
+        DecodeGuard(Some(Box::new(undo)))
+    }
+}
+
+impl Drop for DecodeGuard {
+    fn drop(&mut self) {
+        if let Some(undo) = self.0.take() {
+            undo();
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The speculative engine: a [`Backend`] chosen once, per-sequence state as one
+//! [`Sequence`], and [`Engine::step`], which advances a set of sequences by one round each
+//! ([`round`]: draft, verify, commit). Plain decoding is the same code with no drafts
+//! (controller `off`, or no head), so the two are compared through one path.
+
+pub mod backend;
+pub mod calibrate;
+pub mod round;
+pub mod sequence;
+
+pub use backend::{Backend, Cache, DecodeGuard, Drafted, Rows};
+pub use sequence::{GenerateOptions, Generation, Sequence, StopReason};
+
+use crate::controller::{Controller, DEFAULT_MAX_DRAFT};
+use crate::cost::CostTracker;
+use eesd_core::{Error, Result};
+use std::time::Instant;
+
+/// A backend, the cost model it measured, and the rounds that use both.
+pub struct Engine<B: Backend> {
+    pub backend: B,
+    /// Draft step and verify costs, measured on this machine ([`Engine::calibrate`], then
+    /// every timed round).
+    pub costs: CostTracker,
+    /// Check the cache invariant after every round (on in debug builds and in tests).
+    pub check_invariants: bool,
+}
+
+/// One sequence of a batch: its prompt, options and controller.
+pub struct Request<'p, 'c> {
+    pub prompt: &'p [u32],
+    pub opts: GenerateOptions,
+    pub controller: Box<dyn Controller + 'c>,
+}
+
+impl<B: Backend> Engine<B> {
+    /// An engine whose rounds draft at most `max_draft` tokens, with an unmeasured cost model.
+    pub fn new(backend: B, max_draft: usize) -> Self {
+        Engine {
+            backend,
+            costs: CostTracker::new(max_draft),
+            check_invariants: cfg!(debug_assertions),
+        }
+    }
+
+    /// [`Engine::new`] with the CLI's default draft limit.
+    pub fn with_default_draft(backend: B) -> Self {
+        Self::new(backend, DEFAULT_MAX_DRAFT)
+    }
+
+    /// Checks a prompt before any work: not empty, inside the vocabulary, room for one token.
+    pub fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
+        let (ctx, vocab) = (self.backend.context_len(), self.backend.vocab_size());
+        if prompt.is_empty() {
+            return Err(Error::Input("the prompt is empty (0 tokens)".into()));
+        }
+        if prompt.len() >= ctx {
+            return Err(Error::Input(format!(
+                "the prompt has {} tokens but the model's context is {ctx}: at most {} fit with one new token",
+                prompt.len(),
+                ctx - 1
+            )));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A sequence with its prompt prefilled (through the head too when it may draft) and its
+    /// first token chosen; `None` when no token is asked for.
+    pub fn start<'c>(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        controller: Box<dyn Controller + 'c>,
+    ) -> Result<Option<Sequence<'c, B>>> {
+        self.check_prompt(prompt)?;
+        if opts.max_new_tokens == 0 {
+            return Ok(None);
+        }
+        let b = &self.backend;
+        let drafting = b.has_head() && controller.drafts();
+        let (mut cache, mut head_cache) = b.new_caches(prompt.len(), opts.max_new_tokens, drafting);
+        b.synchronize();
+        let t0 = Instant::now();
+        let (logits, last_final) = b.prefill(prompt, &mut cache, head_cache.as_mut())?;
+        let first = b.first_token(&logits, &opts.sampling)?;
+        let mut seq = Sequence {
+            prompt_len: prompt.len(),
+            context_len: b.context_len(),
+            opts: opts.clone(),
+            ids: Vec::with_capacity(opts.max_new_tokens),
+            pending: first,
+            cache,
+            head_cache,
+            backlog: Vec::new(),
+            prev_final: last_final,
+            controller,
+            stats: crate::stats::DecodeStats {
+                prompt_tokens: prompt.len(),
+                prefill_seconds: t0.elapsed().as_secs_f64(),
+                ..Default::default()
+            },
+            stop: None,
+            decode_start: Instant::now(),
+        };
+        seq.push(first);
+        Ok(Some(seq))
+    }
+
+    /// One round for every sequence of `seqs` that has not stopped, their rows through the
+    /// backend together.
+    pub fn step(&mut self, seqs: &mut [&mut Sequence<B>]) -> Result<()> {
+        let mut running: Vec<&mut Sequence<B>> = seqs
+            .iter_mut()
+            .filter(|s| s.stop.is_none())
+            .map(|s| &mut **s)
+            .collect();
+        if running.is_empty() {
+            return Ok(());
+        }
+        round::run(self, &mut running)
+    }
+
+    /// Generates after `prompt`, with `controller` choosing each round's draft length.
+    /// `on_token` sees the generated ids so far after each new one (for streaming).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        controller: &mut dyn Controller,
+        mut on_token: impl FnMut(&[u32]),
+    ) -> Result<Generation> {
+        let Some(mut seq) = self.start(prompt, opts, Box::new(controller))? else {
+            return Ok(Generation::empty(prompt.len()));
+        };
+        let _threads = self.backend.decode_threads();
+        on_token(&seq.ids);
+        while seq.stop.is_none() {
+            let before = seq.ids.len();
+            self.step(&mut [&mut seq])?;
+            for n in before + 1..=seq.ids.len() {
+                on_token(&seq.ids[..n]);
+            }
+        }
+        self.backend.synchronize();
+        Ok(seq.finish())
+    }
+
+    /// Generates for every request together: each round advances every running sequence, all
+    /// their rows in one pass of the weights. A sequence's output equals its output alone.
+    pub fn generate_batch(&mut self, requests: Vec<Request<'_, '_>>) -> Result<Vec<Generation>> {
+        let mut seqs = Vec::with_capacity(requests.len());
+        for r in requests {
+            let len = r.prompt.len();
+            seqs.push(self.start(r.prompt, &r.opts, r.controller)?.ok_or(len));
+        }
+        let _threads = self.backend.decode_threads();
+        loop {
+            let mut running: Vec<&mut Sequence<B>> = seqs
+                .iter_mut()
+                .filter_map(|s| s.as_mut().ok())
+                .filter(|s| s.stop.is_none())
+                .collect();
+            if running.is_empty() {
+                break;
+            }
+            round::run(self, &mut running)?;
+        }
+        self.backend.synchronize();
+        Ok(seqs
+            .into_iter()
+            .map(|s| match s {
+                Ok(seq) => seq.finish(),
+                Err(prompt_len) => Generation::empty(prompt_len),
+            })
+            .collect())
+    }
+}
