@@ -498,12 +498,13 @@ pub fn build(
     k_max: usize,
     seed: u64,
 ) -> Result<Box<dyn Controller>, ControllerError> {
-    if !has_head && name != "off" {
+    let controller = parse(name, &ThompsonConfig::for_head(agreement, k_max, seed))?;
+    if !has_head && controller.drafts() {
         return Err(ControllerError(format!(
             "controller `{name}` drafts with an early-exit head: give --head DIR (or use --controller off)"
         )));
     }
-    parse(name, &ThompsonConfig::for_head(agreement, k_max, seed))
+    Ok(controller)
 }
 
 #[cfg(test)]

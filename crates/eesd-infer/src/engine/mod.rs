@@ -180,3 +180,6 @@ impl<B: Backend> Engine<B> {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests;
