@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Does a third head layer pay? Three measurements (README "Head depth"):
+# Does a third head layer pay? Three measurements (docs/training.md, "Head depth"):
 #
 #   1. E = 3 against E = 2, both from their base layers (4..4+E) with the final-state input,
 #      on the same self-generated answers and steps (1.5 epochs, lr 1e-3);

@@ -28,7 +28,15 @@ pub enum StopReason {
 
 /// Checks a prompt against the model before any work: not empty, room for one new token.
 pub fn check_prompt(model: &Llama, prompt: &[u32]) -> Result<()> {
-    let ctx = model.cfg.max_position_embeddings;
+    check_prompt_fits(
+        prompt,
+        model.cfg.max_position_embeddings,
+        model.cfg.vocab_size,
+    )
+}
+
+/// [`check_prompt`] for a context of `ctx` positions and a vocabulary of `vocab` tokens.
+pub fn check_prompt_fits(prompt: &[u32], ctx: usize, vocab: usize) -> Result<()> {
     if prompt.is_empty() {
         return Err(Error::Input("the prompt is empty (0 tokens)".into()));
     }
@@ -39,10 +47,9 @@ pub fn check_prompt(model: &Llama, prompt: &[u32]) -> Result<()> {
             ctx - 1
         )));
     }
-    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
         return Err(Error::Input(format!(
-            "token id {bad} is outside the model's vocabulary of {}",
-            model.cfg.vocab_size
+            "token id {bad} is outside the model's vocabulary of {vocab}"
         )));
     }
     Ok(())

@@ -16,8 +16,8 @@ use tch::{Kind, Tensor};
 
 pub const FORMAT_VERSION: u32 = 1;
 
-/// How the head's layers start before training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// How the head's layers start before training (also the trainer's `--init` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum HeadInit {
     /// A copy of the base's last layer (default): it already maps deep features to the
@@ -28,8 +28,8 @@ pub enum HeadInit {
     Random,
 }
 
-/// Where the head's output projection comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Where the head's output projection comes from (also the trainer's `--lm-head` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LmHeadMode {
     /// The base's own frozen LM head (default): no extra memory.

@@ -57,6 +57,55 @@ pub fn plain_decode<B: crate::engine::Backend>(
     Ok((tokens, seconds))
 }
 
+/// `eesd-infer bench-decode`'s measurements: our plain decode rate against the floor.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DecodeReport {
+    pub prompts: usize,
+    pub max_new_tokens: usize,
+    pub decode_tokens: usize,
+    pub decode_seconds: f64,
+    pub decode_tokens_per_s: f64,
+    pub bandwidth_bytes_per_s: f64,
+    pub weight_bytes_per_token: f64,
+    pub floor_tokens_per_s: f64,
+    pub fraction_of_floor: f64,
+    pub threads: i32,
+    pub device: String,
+    pub dtype: String,
+    pub kernels: String,
+}
+
+impl DecodeReport {
+    /// The report for `tokens` decoded in `seconds` by `model` on `kernels`, with the floor
+    /// measured now ([`decode_floor`]).
+    pub fn measure(
+        model: &Llama,
+        kernels: crate::backends::Kernels,
+        prompts: usize,
+        max_new_tokens: usize,
+        (tokens, seconds): (usize, f64),
+    ) -> Self {
+        let (bandwidth, bytes) = decode_floor(model);
+        let ours = tokens as f64 / seconds;
+        let floor = bandwidth / bytes;
+        DecodeReport {
+            prompts,
+            max_new_tokens,
+            decode_tokens: tokens,
+            decode_seconds: seconds,
+            decode_tokens_per_s: ours,
+            bandwidth_bytes_per_s: bandwidth,
+            weight_bytes_per_token: bytes,
+            floor_tokens_per_s: floor,
+            fraction_of_floor: ours / floor,
+            threads: tch::get_num_threads(),
+            device: format!("{:?}", model.device),
+            dtype: format!("{:?}", model.kind),
+            kernels: format!("{kernels:?}"),
+        }
+    }
+}
+
 /// The floor of plain decoding for `model`: (bytes per second, weight bytes per token). On CPU
 /// the bandwidth is a plain streaming read (not any product kernel, whose own speed is what is
 /// measured); on CUDA a large matrix-vector product.
@@ -181,19 +230,6 @@ pub mod shape {
         }
     }
 
-    /// Seconds of one matrix-vector product over `bytes` of weights in `kind`: the bandwidth
-    /// this process reaches on the device.
-    pub fn bandwidth(dev: tch::Device, kind: Kind) -> f64 {
-        let _g = tch::no_grad_guard();
-        let n: i64 = 16384;
-        let w = Tensor::randn([n, n], (kind, dev));
-        let x = Tensor::randn([n], (kind, dev));
-        let secs = median_secs(20, dev, || {
-            let _ = w.mv(&x);
-        });
-        (n * n) as f64 * kind.elt_size_in_bytes() as f64 / secs
-    }
-
     /// The whole shape benchmark (`eesd-infer bench-shape`): plain decode eager and graphed
     /// against the floor, the weight products alone, and c and v(k) per exit layer.
     #[allow(clippy::too_many_arguments)]
@@ -214,7 +250,7 @@ pub mod shape {
             bytes / 1e9
         );
         let base = eesd_core::model::Llama::random(cfg, kind, device);
-        let bandwidth = bandwidth(device, kind);
+        let bandwidth = super::matvec_bandwidth(device, kind, 16384, 20);
         let floor = bandwidth / bytes;
         let graphs = eesd_core::cuda_graph::available(device);
         // Eager first, then with CUDA graphs where they run (the engine's default there).

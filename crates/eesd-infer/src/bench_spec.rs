@@ -150,6 +150,31 @@ pub fn run<B: Backend>(
     Ok(rows)
 }
 
+/// What `bench.json` records besides the rows: the run's setup and its cost model.
+#[derive(Debug, Clone, Serialize)]
+pub struct Setup {
+    pub model: String,
+    pub head: String,
+    pub device: String,
+    pub dtype: String,
+    pub threads: i32,
+    pub max_new_tokens: usize,
+    pub prompts_per_dataset: usize,
+    pub exit_layer: usize,
+    pub draft_vocab: i64,
+    pub cost_model: crate::controller::Costs,
+}
+
+/// Writes `bench.json` (the setup and the rows) and `bench.md` (the table) into `out`.
+pub fn write_report(out: &std::path::Path, setup: &Setup, rows: &[Row]) -> std::io::Result<()> {
+    std::fs::create_dir_all(out)?;
+    let mut report = serde_json::to_value(setup).expect("setup serialises");
+    report["rows"] = serde_json::to_value(rows).expect("rows serialise");
+    let json = serde_json::to_string_pretty(&report).expect("report serialises");
+    std::fs::write(out.join("bench.json"), json)?;
+    std::fs::write(out.join("bench.md"), table(rows))
+}
+
 /// The rows as a markdown table.
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(

@@ -9,7 +9,7 @@ use rand_distr::{Beta, Distribution};
 use std::fmt;
 
 /// Round costs relative to one full decoding step (measured online, see `cost.rs`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Costs {
     /// c: one draft step (layers `[0, N)` + head, one token) / one full step.
     pub draft_step: f64,

@@ -385,25 +385,24 @@ fn bench_decode(a: BenchArgs) -> Result<()> {
         eos_ids: vec![], // fixed length: every prompt decodes max_new_tokens tokens
     };
     let kernels = kernels(&p, &a.model)?;
-    let (tokens, seconds) = with_engine!(kernels, &p.model, None, 1, |engine| {
+    let measured = with_engine!(kernels, &p.model, None, 1, |engine| {
         eesd_infer::bench::plain_decode(&mut engine, &prompts, &opts)?
     });
-    let (bandwidth, bytes_per_token) = eesd_infer::bench::decode_floor(&p.model);
-    let floor = bandwidth / bytes_per_token;
-    let ours = tokens as f64 / seconds;
-    let report = serde_json::json!({
-        "prompts": prompts.len(), "max_new_tokens": a.max_new_tokens, "decode_tokens": tokens,
-        "decode_seconds": seconds, "decode_tokens_per_s": ours,
-        "bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_token": bytes_per_token,
-        "floor_tokens_per_s": floor, "fraction_of_floor": ours / floor,
-        "threads": tch::get_num_threads(), "device": format!("{:?}", p.model.device),
-        "dtype": format!("{:?}", p.model.kind), "kernels": format!("{kernels:?}"),
-    });
-    eprintln!(
-        "plain decode {ours:.2} tok/s; bandwidth {:.1} GB/s -> floor {floor:.2} tok/s ({:.0}% of floor)",
-        bandwidth / 1e9,
-        100.0 * ours / floor
+    let r = eesd_infer::bench::DecodeReport::measure(
+        &p.model,
+        kernels,
+        prompts.len(),
+        a.max_new_tokens,
+        measured,
     );
+    eprintln!(
+        "plain decode {:.2} tok/s; bandwidth {:.1} GB/s -> floor {:.2} tok/s ({:.0}% of floor)",
+        r.decode_tokens_per_s,
+        r.bandwidth_bytes_per_s / 1e9,
+        r.floor_tokens_per_s,
+        100.0 * r.fraction_of_floor
+    );
+    let report = serde_json::to_value(&r)?;
     write_json(a.json_out.as_ref(), &report)?;
     println!("{report}");
     Ok(())
@@ -457,21 +456,21 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         }
     );
     bar.finish_and_clear();
-    let table = bench_spec::table(&rows);
-    println!("{table}");
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let report = serde_json::json!({
-        "model": p.dir.display().to_string(), "head": head_dir.display().to_string(),
-        "device": format!("{:?}", p.model.device), "dtype": format!("{:?}", p.model.kind),
-        "threads": tch::get_num_threads(), "max_new_tokens": a.max_new_tokens,
-        "prompts_per_dataset": a.num_prompts, "exit_layer": head.spec.exit_layer,
-        "draft_vocab": head.draft_vocab_size(),
-        "cost_model": {"draft_step": costs.draft_step, "verify": costs.verify},
-        "rows": rows,
-    });
-    write_json(Some(&a.out.join("bench.json")), &report)?;
-    std::fs::write(a.out.join("bench.md"), &table)
-        .with_context(|| format!("writing {}/bench.md", a.out.display()))?;
+    println!("{}", bench_spec::table(&rows));
+    let setup = bench_spec::Setup {
+        model: p.dir.display().to_string(),
+        head: head_dir.display().to_string(),
+        device: format!("{:?}", p.model.device),
+        dtype: format!("{:?}", p.model.kind),
+        threads: tch::get_num_threads(),
+        max_new_tokens: a.max_new_tokens,
+        prompts_per_dataset: a.num_prompts,
+        exit_layer: head.spec.exit_layer,
+        draft_vocab: head.draft_vocab_size(),
+        cost_model: costs,
+    };
+    bench_spec::write_report(&a.out, &setup, &rows)
+        .with_context(|| format!("writing {}/bench.json and bench.md", a.out.display()))?;
     eprintln!("wrote {}/bench.json and bench.md", a.out.display());
     let mismatched = bench_spec::mismatches(&rows);
     if a.require_identical && !mismatched.is_empty() {

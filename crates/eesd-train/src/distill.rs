@@ -10,7 +10,7 @@
 
 use crate::adamw::{clip_grad_norm, lr_at, AdamW};
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use eesd_core::args::ModelArgs;
 use eesd_core::corpus::{self, TeacherRow};
 use eesd_core::head::{EarlyExitHead, HeadInit, HeadSpec, LmHeadMode};
@@ -24,19 +24,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Kind, Tensor};
-
-#[derive(Copy, Clone, Debug, ValueEnum, Serialize)]
-pub enum InitArg {
-    LastLayer,
-    ExitLayer,
-    Random,
-}
-
-#[derive(Copy, Clone, Debug, ValueEnum, Serialize)]
-pub enum LmHeadArg {
-    Shared,
-    Own,
-}
 
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct DistillArgs {
@@ -59,10 +46,10 @@ pub struct DistillArgs {
     /// E: decoder layers in the head.
     #[arg(long, default_value_t = 1)]
     pub head_layers: usize,
-    #[arg(long, value_enum, default_value_t = InitArg::LastLayer)]
-    pub init: InitArg,
-    #[arg(long, value_enum, default_value_t = LmHeadArg::Shared)]
-    pub lm_head: LmHeadArg,
+    #[arg(long, value_enum, default_value_t = HeadInit::LastLayer)]
+    pub init: HeadInit,
+    #[arg(long, value_enum, default_value_t = LmHeadMode::Shared)]
+    pub lm_head: LmHeadMode,
     /// Predict only the V most frequent teacher tokens (0 = the whole vocabulary).
     #[arg(long, default_value_t = 0)]
     pub draft_vocab: usize,
@@ -494,15 +481,8 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
         let mut spec = HeadSpec::for_base(base, &p.fingerprint, a.exit_layer);
         spec.head_layers = a.head_layers;
         spec.final_state_input = a.final_state_input;
-        spec.init = match a.init {
-            InitArg::LastLayer => HeadInit::LastLayer,
-            InitArg::ExitLayer => HeadInit::ExitLayer,
-            InitArg::Random => HeadInit::Random,
-        };
-        spec.lm_head = match a.lm_head {
-            LmHeadArg::Shared => LmHeadMode::Shared,
-            LmHeadArg::Own => LmHeadMode::Own,
-        };
+        spec.init = a.init;
+        spec.lm_head = a.lm_head;
         let vocab = (a.draft_vocab > 0).then(|| {
             draft_vocabulary(
                 &rows,

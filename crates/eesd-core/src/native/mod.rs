@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::head::EarlyExitHead;
 use crate::model::{DecoderLayer, Llama, RmsNorm};
 use matmul::{matmul, Isa, WKind, WeightView};
-use pool::Pool;
+use pool::{Pool, SendPtr};
 use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
@@ -335,19 +335,6 @@ fn attention(
         job(0);
     } else {
         ctx.pool.run(&job);
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// A method, so closures capture the wrapper (Send + Sync), not the raw field.
-    fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the buffer the pointer came from.
-        unsafe { self.0.add(i) }
     }
 }
 

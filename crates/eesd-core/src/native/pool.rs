@@ -22,6 +22,23 @@ const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(50);
 
 type Job = dyn Fn(usize) + Sync;
 
+/// An output buffer the pool's tasks write disjoint parts of: a raw pointer that may cross
+/// threads (each job documents which part each task owns).
+#[derive(Clone, Copy)]
+pub struct SendPtr(pub *mut f32);
+// SAFETY: tasks only write the disjoint ranges their job gives them, and `Pool::run` returns
+// after every task has finished.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method, so closures capture the wrapper (Send + Sync), not the raw field.
+    pub fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer the pointer came from.
+        unsafe { self.0.add(i) }
+    }
+}
+
 struct Shared {
     /// Bumped once per job; workers run the job when they see a new value.
     epoch: AtomicU64,

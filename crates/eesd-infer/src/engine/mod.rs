@@ -13,7 +13,7 @@ pub use sequence::{GenerateOptions, Generation, Sequence, StopReason};
 
 use crate::controller::{Controller, DEFAULT_MAX_DRAFT};
 use crate::cost::CostTracker;
-use eesd_core::{Error, Result};
+use eesd_core::Result;
 use std::time::Instant;
 
 /// A backend, the cost model it measured, and the rounds that use both.
@@ -50,23 +50,8 @@ impl<B: Backend> Engine<B> {
 
     /// Checks a prompt before any work: not empty, inside the vocabulary, room for one token.
     pub fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
-        let (ctx, vocab) = (self.backend.context_len(), self.backend.vocab_size());
-        if prompt.is_empty() {
-            return Err(Error::Input("the prompt is empty (0 tokens)".into()));
-        }
-        if prompt.len() >= ctx {
-            return Err(Error::Input(format!(
-                "the prompt has {} tokens but the model's context is {ctx}: at most {} fit with one new token",
-                prompt.len(),
-                ctx - 1
-            )));
-        }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Input(format!(
-                "token id {bad} is outside the model's vocabulary of {vocab}"
-            )));
-        }
-        Ok(())
+        let b = &self.backend;
+        eesd_core::generate::check_prompt_fits(prompt, b.context_len(), b.vocab_size())
     }
 
     /// A sequence with its prompt prefilled (through the head too when it may draft) and its

@@ -1,0 +1,61 @@
+//! The x86-64 kernels, one file per instruction-set family; each computes the sums the
+//! module doc of [`super`] defines, bit for bit, and the tests compare every family with the
+//! scalar definition. Shared here: tail chunks, the prefetch plan, the FMA kernels' dtype codes.
+
+// Register-blocked loops index several arrays with the same counters; iterators would hide it.
+#![allow(clippy::needless_range_loop)]
+
+mod amx;
+mod avx2;
+mod avx512;
+mod bf16;
+
+// The AVX-512 family's lane trees and loads serve the others too.
+use {avx512::*, bf16::*};
+
+pub(super) use amx::{amx_ready, range_amx};
+pub(super) use avx2::range_avx2;
+pub(super) use avx512::range_avx512;
+pub(super) use bf16::{range_dp256, range_dp512, to_bf16_avx512};
+
+pub(super) use super::{WKind, WeightView};
+pub(super) use std::arch::asm;
+pub(super) use std::arch::x86_64::*;
+
+/// Copies a tail chunk (fewer than 16 elements from `i`) of row `j` into a zero-padded
+/// f32 buffer; tails are rare (no LLaMA dimension has one) so this need not be fast.
+pub(super) fn tail_w(w: &WeightView, j: usize, i: usize) -> [f32; 16] {
+    let mut b = [0f32; 16];
+    for (l, v) in b.iter_mut().enumerate().take(w.k - i) {
+        *v = w.get(j, i + l);
+    }
+    b
+}
+
+pub(super) fn tail_x(x: &[f32], i: usize) -> [f32; 16] {
+    let mut b = [0f32; 16];
+    b[..x.len() - i].copy_from_slice(&x[i..]);
+    b
+}
+
+/// Where to prefetch while a block of `bytes` bytes from `row0` is computed in `iters`
+/// iterations: the next block, spread evenly (cache lines per iteration). Prefetching past
+/// the end of the matrix is harmless (prefetches never fault).
+#[inline]
+pub(super) fn prefetch_plan(row0: *const u8, bytes: usize, iters: usize) -> (*const u8, usize) {
+    let lines = bytes.div_ceil(64);
+    (row0.wrapping_add(bytes), lines.div_ceil(iters.max(1)))
+}
+
+// The FMA kernels' weight dtypes as const generics, so the inner loops carry no dtype
+// branch (bf16 weights always take the VDPBF16PS / AMX kernels below).
+pub(super) const F32: u8 = 0;
+pub(super) const F16: u8 = 2;
+
+pub(super) fn code(kind: WKind) -> u8 {
+    match kind {
+        WKind::F32 => F32,
+        WKind::Bf16 => unreachable!("bf16 weights take the bf16 kernels"),
+        WKind::F16 => F16,
+    }
+}
