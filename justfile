@@ -29,7 +29,7 @@ build: setup
 # EESD with the committed head: text, statistics, and its speedup over plain decoding in one run.
 demo prompt="Explain in three sentences why the sky is blue.": build
     {{bin}} generate --model {{model}} --head {{head}} --chat --max-new-tokens 128 --prompt "{{prompt}}"
-    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/mtbench.parquet --num-prompts 2 --max-new-tokens 96 --controllers off,thompson --out results/demo
+    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/mtbench.parquet --num-prompts 2 --max-new-tokens 96 --controllers off,thompson --out results/demo --force
 
 # Train a head from a recipe (teacher data, then distillation), e.g. configs/smollm2-135m.toml.
 train config: build
@@ -64,19 +64,19 @@ train-self limit="4072" out=head: build
 
 # Every controller on GSM8K, HumanEval and MT-Bench prompts with the committed head: table, JSON, PNG.
 bench prompts="8" tokens="128": build
-    {{bin}} bench --model {{model}} --head {{head}} {{evals}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} --out results --require-identical
-    {{bin}} bench --model {{model}} --head {{head}} {{evals}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} --temperature 0.7 --top-p 0.9 --controllers off,thompson,thompson-calibrated,confidence:0.5,fixed:1,fixed:2 --out results/sampled
+    {{bin}} bench --model {{model}} --head {{head}} {{evals}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} --out results --require-identical --force
+    {{bin}} bench --model {{model}} --head {{head}} {{evals}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} --temperature 0.7 --top-p 0.9 --controllers off,thompson,thompson-calibrated,confidence:0.5,fixed:1,fixed:2 --out results/sampled --force
     python scripts/plot.py bench results/bench.json
 
 # f32 decodes at about half bf16's speed here, so fewer controllers (5 minutes on 2 cores).
 # The greedy bench in f32 (the golden-test dtype): table, JSON, PNG under results/f32.
 bench-f32 prompts="8" tokens="128": build
-    {{bin}} bench --model {{model}} --head {{head}} --dtype f32 {{evals}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} --controllers off,thompson,thompson-calibrated,confidence:0.5,fixed:1,fixed:2 --out results/f32 --require-identical
+    {{bin}} bench --model {{model}} --head {{head}} --dtype f32 {{evals}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} --controllers off,thompson,thompson-calibrated,confidence:0.5,fixed:1,fixed:2 --out results/f32 --require-identical --force
     python scripts/plot.py bench results/f32/bench.json
 
 # bf16 exactness: every controller's greedy output vs plain decoding, 200 prompts (50 per corpus).
 identity prompts="50" tokens="64": build
-    {{bin}} bench --model {{model}} --head {{head}} --dtype bf16 {{evals}} --data data/corpora/sharegpt.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --controllers off,thompson,thompson-calibrated,heuristic,confidence:0.5,fixed:1,fixed:3,fixed:8 --out results/identity --require-identical
+    {{bin}} bench --model {{model}} --head {{head}} --dtype bf16 {{evals}} --data data/corpora/sharegpt.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --controllers off,thompson,thompson-calibrated,heuristic,confidence:0.5,fixed:1,fixed:3,fixed:8 --out results/identity --require-identical --force
 
 # Run every test (unit, golden against transformers, consistency, CLI, real model); the last
 # line totals every test binary's counts (ignored tests, the CUDA ones here, count as skipped).

@@ -150,6 +150,34 @@ pub fn read_prompts(spec: &str, column: &str) -> Result<Vec<PromptRow>> {
     Ok(out)
 }
 
+/// Writes a prompt corpus (`id`, `prompt`) to `path` atomically: the smallest file
+/// [`read_prompts`] takes (scripts/make_corpora.py writes more columns).
+pub fn write_prompts(path: &Path, rows: &[(&str, &str)]) -> Result<()> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("prompt", DataType::Utf8, false),
+    ]));
+    let col = |f: fn(&(&str, &str)) -> String| -> ArrayRef {
+        Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>()))
+    };
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![col(|r| r.0.into()), col(|r| r.1.into())],
+    )
+    .map_err(|e| perr(path, e))?;
+    write_batch(path, schema, &batch)
+}
+
+/// Writes one record batch to `path` through a temporary file renamed over it.
+fn write_batch(path: &Path, schema: Arc<Schema>, batch: &RecordBatch) -> Result<()> {
+    let tmp = path.with_extension("parquet.tmp");
+    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut w = ArrowWriter::try_new(file, schema, None).map_err(|e| perr(path, e))?;
+    w.write(batch).map_err(|e| perr(path, e))?;
+    w.close().map_err(|e| perr(path, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
 /// One teacher example: the base model's answer to a prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TeacherRow {
@@ -198,13 +226,7 @@ pub fn write_teacher(path: &Path, rows: &[TeacherRow]) -> Result<()> {
         ],
     )
     .map_err(|e| perr(path, e))?;
-    let tmp = path.with_extension("parquet.tmp");
-    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut w = ArrowWriter::try_new(file, teacher_schema(), None).map_err(|e| perr(path, e))?;
-    w.write(&batch).map_err(|e| perr(path, e))?;
-    w.close().map_err(|e| perr(path, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    Ok(())
+    write_batch(path, teacher_schema(), &batch)
 }
 
 fn list_values(l: &ListArray, i: usize, path: &Path) -> Result<Vec<u32>> {

@@ -39,23 +39,30 @@ pub fn load_datasets(
                 break;
             }
         }
+        if prompts.is_empty() {
+            return Err(eesd_core::Error::Input(format!(
+                "no prompt of {spec} fits --max-prompt-tokens {max_prompt_tokens} (chat-formatted)"
+            )));
+        }
         datasets.push(Dataset { name, prompts });
     }
     Ok(datasets)
 }
 
 /// Controller names from a comma-separated list, `off` first when missing (speedups are
-/// against it).
-pub fn controller_names(list: &str) -> Vec<String> {
-    let mut names: Vec<String> = list
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
+/// against it); a name listed twice is refused (it would give two rows of the same thing).
+pub fn controller_names(list: &str) -> std::result::Result<Vec<String>, String> {
+    let mut names: Vec<String> = Vec::new();
+    for n in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if names.iter().any(|m| m == n) {
+            return Err(format!("--controllers lists `{n}` twice"));
+        }
+        names.push(n.to_string());
+    }
     if !names.iter().any(|n| n == "off") {
         names.insert(0, "off".into());
     }
-    names
+    Ok(names)
 }
 
 /// Rows whose greedy output differed from plain decoding, as "dataset controller: count".
@@ -86,14 +93,16 @@ pub struct Row {
     pub temperature: f64,
 }
 
-/// Runs `controllers` (built fresh per dataset by `make`) over every dataset.
+/// Runs `controllers` (built fresh per dataset by `make`) over every dataset. After each
+/// prompt `progress` sees a label and the rows so far (finished datasets, then the current one
+/// over the prompts it has run), so a caller can write results as they come.
 pub fn run<B: Backend>(
     engine: &mut Engine<B>,
     datasets: &[Dataset],
     names: &[String],
     make: &dyn Fn(&str) -> Result<Box<dyn Controller>>,
     opts: &GenerateOptions,
-    mut progress: impl FnMut(&str),
+    mut progress: impl FnMut(&str, &[Row]) -> Result<()>,
 ) -> Result<Vec<Row>> {
     // Warm-up: every controller once, short, so allocation and first-call costs stay out.
     if let Some((_, p)) = datasets.first().and_then(|d| d.prompts.first()) {
@@ -123,31 +132,54 @@ pub fn run<B: Backend>(
                 }
                 totals[i].merge(&g.stats);
             }
-            progress(&format!("{} {id}", d.name));
+            let current = dataset_rows(&d.name, names, &totals, &mismatches, engine, opts);
+            let so_far: Vec<Row> = rows.iter().cloned().chain(current).collect();
+            progress(&format!("{} {id}", d.name), &so_far)?;
         }
-        let off = names
-            .iter()
-            .position(|n| n == "off")
-            .map(|i| totals[i].decode_tokens_per_s());
-        for (i, name) in names.iter().enumerate() {
-            let s = &totals[i];
-            rows.push(Row {
-                dataset: d.name.clone(),
-                controller: name.clone(),
-                decode_tokens_per_s: s.decode_tokens_per_s(),
-                speedup_vs_off: off.map(|o| s.decode_tokens_per_s() / o).unwrap_or(f64::NAN),
-                predicted_speedup: s.predicted_speedup(&engine.costs.costs()),
-                acceptance_rate: s.acceptance_rate(),
-                mean_accepted_length: s.mean_accepted_length(),
-                mean_draft_length: s.mean_draft_length(),
-                accepted_by_position: s.accepted_by_position(),
-                new_tokens: s.new_tokens,
-                mismatches: mismatches[i],
-                temperature: opts.sampling.temperature,
-            });
-        }
+        rows.extend(dataset_rows(
+            &d.name,
+            names,
+            &totals,
+            &mismatches,
+            engine,
+            opts,
+        ));
     }
     Ok(rows)
+}
+
+/// One row per controller of a dataset, from its summed statistics; speedups against `off`.
+fn dataset_rows<B: Backend>(
+    dataset: &str,
+    names: &[String],
+    totals: &[DecodeStats],
+    mismatches: &[usize],
+    engine: &Engine<B>,
+    opts: &GenerateOptions,
+) -> Vec<Row> {
+    let off = names
+        .iter()
+        .position(|n| n == "off")
+        .map(|i| totals[i].decode_tokens_per_s());
+    names
+        .iter()
+        .zip(totals)
+        .zip(mismatches)
+        .map(|((name, s), &mismatches)| Row {
+            dataset: dataset.to_string(),
+            controller: name.clone(),
+            decode_tokens_per_s: s.decode_tokens_per_s(),
+            speedup_vs_off: off.map(|o| s.decode_tokens_per_s() / o).unwrap_or(f64::NAN),
+            predicted_speedup: s.predicted_speedup(&engine.costs.costs()),
+            acceptance_rate: s.acceptance_rate(),
+            mean_accepted_length: s.mean_accepted_length(),
+            mean_draft_length: s.mean_draft_length(),
+            accepted_by_position: s.accepted_by_position(),
+            new_tokens: s.new_tokens,
+            mismatches,
+            temperature: opts.sampling.temperature,
+        })
+        .collect()
 }
 
 /// What `bench.json` records besides the rows: the run's setup and its cost model.
@@ -165,14 +197,21 @@ pub struct Setup {
     pub cost_model: crate::controller::Costs,
 }
 
-/// Writes `bench.json` (the setup and the rows) and `bench.md` (the table) into `out`.
+/// Writes `bench.json` (the setup and the rows) and `bench.md` (the table) into `out`, each
+/// through a temporary file renamed over the old one, so an interrupted run leaves the last
+/// complete report.
 pub fn write_report(out: &std::path::Path, setup: &Setup, rows: &[Row]) -> std::io::Result<()> {
-    std::fs::create_dir_all(out)?;
     let mut report = serde_json::to_value(setup).expect("setup serialises");
     report["rows"] = serde_json::to_value(rows).expect("rows serialise");
     let json = serde_json::to_string_pretty(&report).expect("report serialises");
-    std::fs::write(out.join("bench.json"), json)?;
-    std::fs::write(out.join("bench.md"), table(rows))
+    write_atomic(&out.join("bench.json"), json.as_bytes())?;
+    write_atomic(&out.join("bench.md"), table(rows).as_bytes())
+}
+
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The rows as a markdown table.

@@ -17,6 +17,7 @@ use eesd_infer::engine::{Backend, Engine, GenerateOptions};
 use eesd_infer::prompts::{read_prompt_file, Prompt, TextStream};
 use eesd_infer::stats::DecodeStats;
 use eesd_infer::with_engine;
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -146,6 +147,9 @@ struct SpecBenchArgs {
     /// Exit with an error when any greedy output differs from plain decoding (`off`).
     #[arg(long)]
     require_identical: bool,
+    /// Replace a bench.json already in --out (without it the run refuses to start).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -265,8 +269,11 @@ fn encode(p: &Pretrained, text: &str, chat: bool) -> Result<Vec<u32>> {
     })
 }
 
-fn kernels(p: &Pretrained, args: &ModelArgs) -> Result<Kernels> {
-    Ok(Kernels::parse(args.kernels.as_deref(), p.model.device)?)
+/// The decode kernels `args` ask for, checked against the device before the model loads.
+fn kernels(args: &ModelArgs) -> Result<Kernels> {
+    let device = parse_device(args.base.device.as_deref())?;
+    parse_dtype(args.base.dtype.as_deref(), device)?;
+    Ok(Kernels::parse(args.kernels.as_deref(), device)?)
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -285,16 +292,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
         "off"
     };
     let name = a.controller.clone().unwrap_or_else(|| default.into());
+    // The engine drafts at most what the generation can use; controllers are checked against
+    // the flag the user set.
     let max_draft = controller::draft_limit(a.spec.max_draft, a.max_new_tokens)?;
     // Refuse a bad controller before the (slow) model load.
-    controller::build(&name, a.spec.head.is_some(), None, max_draft, 0)?;
+    controller::build(&name, a.spec.head.is_some(), None, a.spec.max_draft, 0)?;
+    let kernels = kernels(&a.model)?;
     let p = load(&a.model)?;
     let head = load_head(&p, &a.spec.head)?;
     let mut ctrl = controller::build(
         &name,
         head.is_some(),
         agreement(head.as_ref()),
-        max_draft,
+        a.spec.max_draft,
         a.seed as u64,
     )?;
     let opts = GenerateOptions {
@@ -302,37 +312,31 @@ fn generate(a: GenerateArgs) -> Result<()> {
         sampling,
         eos_ids: p.tokenizer.eos_ids.clone(),
     };
-    with_engine!(
-        kernels(&p, &a.model)?,
-        &p.model,
-        head.as_ref(),
-        max_draft,
-        |engine| {
-            if head.is_some() {
-                engine.calibrate(64, 3)?;
-            }
-            tch::manual_seed(a.seed);
-            let mut total = DecodeStats::default();
-            for prompt in &prompts {
-                let ids = encode(&p, &prompt.text, a.chat)
-                    .with_context(|| format!("prompt {}", prompt.id))?;
-                let stats = generate_one(
-                    &mut engine,
-                    &p,
-                    prompt,
-                    &ids,
-                    &opts,
-                    ctrl.as_mut(),
-                    a.json,
-                    &name,
-                )?;
-                total.merge(&stats);
-            }
-            if prompts.len() > 1 {
-                eprintln!("{}", total.summary(&format!("total {name}")));
-            }
+    with_engine!(kernels, &p.model, head.as_ref(), max_draft, |engine| {
+        if head.is_some() {
+            engine.calibrate(64, 3)?;
         }
-    );
+        tch::manual_seed(a.seed);
+        let mut total = DecodeStats::default();
+        for prompt in &prompts {
+            let ids = encode(&p, &prompt.text, a.chat)
+                .with_context(|| format!("prompt {}", prompt.id))?;
+            let stats = generate_one(
+                &mut engine,
+                &p,
+                prompt,
+                &ids,
+                &opts,
+                ctrl.as_mut(),
+                a.json,
+                &name,
+            )?;
+            total.merge(&stats);
+        }
+        if prompts.len() > 1 {
+            eprintln!("{}", total.summary(&format!("total {name}")));
+        }
+    });
     Ok(())
 }
 
@@ -360,9 +364,9 @@ fn generate_one<B: Backend>(
         let obj = serde_json::json!({
             "id": prompt.id, "text": text, "prompt_ids": ids, "ids": g.ids, "stats": stats,
         });
-        println!("{obj}");
+        out_line(&obj.to_string())?;
     } else {
-        stream.finish(&text);
+        stream.finish(&text)?;
     }
     eprintln!(
         "{}",
@@ -373,6 +377,7 @@ fn generate_one<B: Backend>(
 }
 
 fn bench_decode(a: BenchArgs) -> Result<()> {
+    let kernels = kernels(&a.model)?;
     let p = load(&a.model)?;
     let prompts: Vec<Vec<u32>> = read_prompt_file(&a.prompt_file)?
         .into_iter()
@@ -384,7 +389,6 @@ fn bench_decode(a: BenchArgs) -> Result<()> {
         sampling: SamplingParams::default(),
         eos_ids: vec![], // fixed length: every prompt decodes max_new_tokens tokens
     };
-    let kernels = kernels(&p, &a.model)?;
     let measured = with_engine!(kernels, &p.model, None, 1, |engine| {
         eesd_infer::bench::plain_decode(&mut engine, &prompts, &opts)?
     });
@@ -404,60 +408,40 @@ fn bench_decode(a: BenchArgs) -> Result<()> {
     );
     let report = serde_json::to_value(&r)?;
     write_json(a.json_out.as_ref(), &report)?;
-    println!("{report}");
+    out_line(&report.to_string())?;
     Ok(())
 }
 
 fn bench_spec(a: SpecBenchArgs) -> Result<()> {
-    let names = bench_spec::controller_names(&a.controllers);
+    // Everything the user can get wrong, before the model loads.
+    if a.num_prompts == 0 {
+        bail!("--num-prompts must be at least 1");
+    }
+    let names = bench_spec::controller_names(&a.controllers).map_err(anyhow::Error::msg)?;
     controller::draft_limit(a.spec.max_draft, a.max_new_tokens)?;
     for n in &names {
         controller::build(n, true, None, a.spec.max_draft, 0)?;
     }
+    let sampling = SamplingParams::new(a.temperature, 0, a.top_p)?;
     let Some(head_dir) = &a.spec.head else {
         bail!("bench compares controllers that draft: give --head DIR");
     };
+    let kernels = kernels(&a.model)?;
+    prepare_out(&a.out, a.force)?;
     let p = load(&a.model)?;
     let head = load_head(&p, &a.spec.head)?.context("head given")?;
     let datasets =
         bench_spec::load_datasets(&p.tokenizer, &a.data, a.num_prompts, a.max_prompt_tokens)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams::new(a.temperature, 0, a.top_p)?,
+        sampling,
         eos_ids: p.tokenizer.eos_ids.clone(),
     };
     let make = |n: &str| {
         controller::build(n, true, agreement(Some(&head)), a.spec.max_draft, 0)
             .map_err(|e| eesd_core::Error::Input(e.to_string()))
     };
-    let total: usize = datasets.iter().map(|d| d.prompts.len()).sum();
-    let bar = indicatif::ProgressBar::new(total as u64);
-    let (rows, costs) = with_engine!(
-        kernels(&p, &a.model)?,
-        &p.model,
-        Some(&head),
-        a.spec.max_draft,
-        |engine| {
-            engine.calibrate(64, 5)?;
-            let c = engine.costs.costs();
-            eprintln!(
-                "cost model: draft step c = {:.3} of a full step; verify k+1 positions: {:?}",
-                c.draft_step,
-                c.verify
-                    .iter()
-                    .map(|v| (v * 100.0).round() / 100.0)
-                    .collect::<Vec<_>>()
-            );
-            let rows = bench_spec::run(&mut engine, &datasets, &names, &make, &opts, |m| {
-                bar.set_message(m.to_string());
-                bar.inc(1);
-            })?;
-            (rows, engine.costs.costs())
-        }
-    );
-    bar.finish_and_clear();
-    println!("{}", bench_spec::table(&rows));
-    let setup = bench_spec::Setup {
+    let setup = |costs| bench_spec::Setup {
         model: p.dir.display().to_string(),
         head: head_dir.display().to_string(),
         device: format!("{:?}", p.model.device),
@@ -469,8 +453,34 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         draft_vocab: head.draft_vocab_size(),
         cost_model: costs,
     };
-    bench_spec::write_report(&a.out, &setup, &rows)
-        .with_context(|| format!("writing {}/bench.json and bench.md", a.out.display()))?;
+    // The report is rewritten after every prompt, so an interrupted run keeps what it measured.
+    let write = |costs, rows: &[bench_spec::Row]| {
+        bench_spec::write_report(&a.out, &setup(costs), rows)
+            .with_context(|| format!("writing {}/bench.json and bench.md", a.out.display()))
+    };
+    let total: usize = datasets.iter().map(|d| d.prompts.len()).sum();
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let (rows, costs) = with_engine!(kernels, &p.model, Some(&head), a.spec.max_draft, |engine| {
+        engine.calibrate(64, 5)?;
+        let c = engine.costs.costs();
+        eprintln!(
+            "cost model: draft step c = {:.3} of a full step; verify k+1 positions: {:?}",
+            c.draft_step,
+            c.verify
+                .iter()
+                .map(|v| (v * 100.0).round() / 100.0)
+                .collect::<Vec<_>>()
+        );
+        let rows = bench_spec::run(&mut engine, &datasets, &names, &make, &opts, |m, rows| {
+            bar.set_message(m.to_string());
+            bar.inc(1);
+            write(c.clone(), rows).map_err(|e| eesd_core::Error::Input(format!("{e:#}")))
+        })?;
+        (rows, engine.costs.costs())
+    });
+    bar.finish_and_clear();
+    out_line(&bench_spec::table(&rows))?;
+    write(costs, &rows)?;
     eprintln!("wrote {}/bench.json and bench.md", a.out.display());
     let mismatched = bench_spec::mismatches(&rows);
     if a.require_identical && !mismatched.is_empty() {
@@ -479,6 +489,23 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
             mismatched.join(", ")
         );
     }
+    Ok(())
+}
+
+/// Creates `out` (or checks it), refusing to replace a report there unless `force`, and proves
+/// it writable before any work.
+fn prepare_out(out: &std::path::Path, force: bool) -> Result<()> {
+    let report = out.join("bench.json");
+    if report.exists() && !force {
+        bail!(
+            "{} exists: give --force to replace it, or another --out",
+            report.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let probe = out.join(".bench-write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("{} is not writable", out.display()))?;
+    std::fs::remove_file(&probe).with_context(|| format!("cleaning {}", probe.display()))?;
     Ok(())
 }
 
@@ -510,7 +537,7 @@ fn bench_shape(a: ShapeArgs) -> Result<()> {
         a.max_draft,
         a.context,
     )?;
-    println!("{report}");
+    out_line(&report.to_string())?;
     write_json(a.json_out.as_ref(), &report)
 }
 
@@ -534,8 +561,16 @@ fn bench_kernels(a: KernelArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let report = eesd_infer::bench::kernels::run(&cfg, &kinds, &rows, a.context, a.reps.max(1));
-    println!("{report}");
+    out_line(&report.to_string())?;
     write_json(a.json_out.as_ref(), &report)
+}
+
+/// One line on stdout; a closed pipe comes back as an error (see [`main`]).
+fn out_line(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()?;
+    Ok(())
 }
 
 fn write_json(path: Option<&PathBuf>, report: &serde_json::Value) -> Result<()> {
@@ -556,6 +591,15 @@ fn main() {
         Command::BenchKernels(a) => bench_kernels(a),
     };
     if let Err(e) = result {
+        // A reader that closed stdout (`| head`) ends the command quietly, as `head` users
+        // expect of a Unix tool.
+        let closed = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if closed {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -17,6 +17,8 @@ pub struct Prompt {
 pub fn read_prompt_file(path: &Path) -> Result<Vec<Prompt>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read prompt file {}", path.display()))?;
+    // A UTF-8 byte-order mark (editors on Windows write one) is not part of the first line.
+    let text = text.strip_prefix('\u{FEFF}').unwrap_or(&text);
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
@@ -56,11 +58,13 @@ pub fn read_prompt_file(path: &Path) -> Result<Vec<Prompt>> {
 }
 
 /// Streams a generation's text to stdout as tokens arrive: each call prints the new suffix
-/// of the decoded ids, holding back an incomplete UTF-8 tail (decoded as U+FFFD).
+/// of the decoded ids, holding back an incomplete UTF-8 tail (decoded as U+FFFD). A failed
+/// write (a closed pipe) stops the stream; [`TextStream::finish`] reports it.
 pub struct TextStream<'t> {
     tokenizer: &'t Tokenizer,
     printed: String,
     on: bool,
+    error: Option<std::io::Error>,
 }
 
 impl<'t> TextStream<'t> {
@@ -70,12 +74,13 @@ impl<'t> TextStream<'t> {
             tokenizer,
             printed: String::new(),
             on,
+            error: None,
         }
     }
 
     /// The generated ids so far.
     pub fn push(&mut self, ids: &[u32]) {
-        if !self.on {
+        if !self.on || self.error.is_some() {
             return;
         }
         if let Ok(text) = self.tokenizer.decode(ids) {
@@ -84,19 +89,29 @@ impl<'t> TextStream<'t> {
                 && !text.ends_with('\u{FFFD}')
             {
                 let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&text.as_bytes()[self.printed.len()..]);
-                let _ = out.flush();
-                self.printed = text;
+                let wrote = out
+                    .write_all(&text.as_bytes()[self.printed.len()..])
+                    .and_then(|()| out.flush());
+                match wrote {
+                    Ok(()) => self.printed = text,
+                    Err(e) => self.error = Some(e),
+                }
             }
         }
     }
 
-    /// The final text: whatever was held back, then a newline.
-    pub fn finish(&mut self, text: &str) {
-        if text.len() > self.printed.len() && text.starts_with(&self.printed) {
-            print!("{}", &text[self.printed.len()..]);
+    /// The final text: whatever was held back, then a newline; or the write error that
+    /// stopped the stream.
+    pub fn finish(&mut self, text: &str) -> std::io::Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
         }
-        println!();
+        let mut out = std::io::stdout().lock();
+        if text.len() > self.printed.len() && text.starts_with(&self.printed) {
+            out.write_all(&text.as_bytes()[self.printed.len()..])?;
+        }
+        writeln!(out)?;
+        out.flush()
     }
 }
 
@@ -138,5 +153,9 @@ mod tests {
             .contains("prompt"));
         std::fs::write(&f, "\n\n").unwrap();
         assert!(read_prompt_file(&f).is_err());
+        // A byte-order mark does not turn the first JSON record into a plain-text prompt.
+        std::fs::write(&f, "\u{FEFF}{\"id\": \"a\", \"prompt\": \"hi\"}\n").unwrap();
+        let p = read_prompt_file(&f).unwrap();
+        assert_eq!((p[0].id.as_str(), p[0].text.as_str()), ("a", "hi"));
     }
 }

@@ -50,7 +50,13 @@ fn read_verdict(ok: &Tensor, candidates: &Tensor) -> Verdict {
 /// after K acceptances emit a sample of p_{K+1}.
 /// `p` `[K+1, V]` base, `q` `[K, V]` draft (full vocabulary), `drafts` `[K]`, `uniform` `[K]`
 /// draws from U[0, 1). Samples come from torch's generator.
-pub fn accept_sampled(p: &Tensor, q: &Tensor, drafts: &Tensor, uniform: &Tensor) -> Verdict {
+/// Fails when a distribution holds NaN, inf or negative mass (a broken model or head).
+pub fn accept_sampled(
+    p: &Tensor,
+    q: &Tensor,
+    drafts: &Tensor,
+    uniform: &Tensor,
+) -> Result<Verdict, tch::TchError> {
     let k = drafts.size()[0];
     let p_k = p.narrow(0, 0, k);
     let idx = drafts.unsqueeze(1);
@@ -68,13 +74,26 @@ pub fn accept_sampled(p: &Tensor, q: &Tensor, drafts: &Tensor, uniform: &Tensor)
     // p == q at a rejected position cannot happen in exact arithmetic; guard against rounding.
     let residual = residual.where_self(&mass.gt(0.0), &p_k);
     let rows = Tensor::cat(&[residual, p.narrow(0, k, 1)], 0);
-    let candidates = rows.multinomial(1, false).squeeze_dim(1); // [K+1]
-    read_verdict(&ok, &candidates)
+    let candidates = rows.f_multinomial(1, false)?.squeeze_dim(1); // [K+1]
+    Ok(read_verdict(&ok, &candidates))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nan_distribution_is_an_error_not_a_panic() {
+        let p = Tensor::from_slice(&[f32::NAN, 0.5, 0.5, f32::NAN]).view([2, 2]);
+        let q = Tensor::from_slice(&[0.5f32, 0.5]).view([1, 2]);
+        let v = accept_sampled(
+            &p,
+            &q,
+            &Tensor::from_slice(&[1i64]),
+            &Tensor::from_slice(&[0.9f32]),
+        );
+        assert!(v.is_err());
+    }
 
     fn t2(rows: &[&[f32]]) -> Tensor {
         Tensor::stack(
@@ -122,7 +141,8 @@ mod tests {
                 &q,
                 &Tensor::from_slice(&[0i64]),
                 &Tensor::from_slice(&[u]),
-            );
+            )
+            .unwrap();
             assert_eq!(v.accepted, 0);
             assert_eq!(v.next_token, 1, "the residual holds only token 1");
         }
@@ -138,7 +158,8 @@ mod tests {
             &q,
             &Tensor::from_slice(&[1i64, 0]),
             &Tensor::from_slice(&[0.999f32, 0.999]),
-        );
+        )
+        .unwrap();
         assert_eq!(v.accepted, 2);
     }
 
@@ -155,7 +176,7 @@ mod tests {
                 let d = q.multinomial(1, false).squeeze_dim(1);
                 let u = Tensor::rand([1], (Kind::Float, tch::Device::Cpu));
                 let pp = Tensor::cat(&[&p, &p], 0);
-                let v = accept_sampled(&pp, &q, &d, &u);
+                let v = accept_sampled(&pp, &q, &d, &u).unwrap();
                 let tok = if v.accepted == 1 {
                     d.int64_value(&[0]) as usize
                 } else {

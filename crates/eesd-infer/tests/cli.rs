@@ -448,3 +448,174 @@ fn speculative_json_stats_have_the_contract_fields() {
     assert!(v["stats"]["accepted_by_position"].is_array());
     assert!(v["stats"]["drafted"].as_u64().unwrap() > 0);
 }
+
+/// A head saved for the fixture model, with its norm weights replaced by `fill`.
+fn head_dir(tag: &str, fill: Option<f64>) -> PathBuf {
+    use eesd_core::head::{EarlyExitHead, HeadSpec};
+    let p = eesd_core::pretrained::Pretrained::load(&model(), tch::Device::Cpu, tch::Kind::Float)
+        .unwrap();
+    let mut head = EarlyExitHead::init(
+        &p.model,
+        HeadSpec::for_base(&p.model, &p.fingerprint, 1),
+        None,
+    )
+    .unwrap();
+    if let Some(v) = fill {
+        let _ = head.norm.weight.fill_(v);
+    }
+    let dir = tmpdir(tag).join("head");
+    head.save(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn a_nan_head_is_an_error_when_sampling() {
+    let m = model();
+    let dir = head_dir("nanhead", Some(f64::NAN));
+    let out = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "w5 w6",
+        "--head",
+        dir.to_str().unwrap(),
+        "--controller",
+        "fixed:2",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+    ]);
+    assert_clean_error(
+        &out,
+        "the head's draft distribution is not a probability distribution",
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("C++"),
+        "no torch stack"
+    );
+}
+
+/// `generate | head -c 20`: the reader goes away, and the command ends quietly.
+#[test]
+fn a_closed_stdout_ends_generate_quietly() {
+    use std::process::Stdio;
+    let m = model();
+    for json in [false, true] {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "w5 w6",
+            "--max-new-tokens",
+            "40",
+        ];
+        if json {
+            args.push("--json");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_eesd-infer"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // closed before the first token is written
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "json {json}: {:?}, {err}", out.status);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "json {json}: {err}"
+        );
+    }
+}
+
+#[test]
+fn bench_refuses_nonsense_before_any_work() {
+    let m = model();
+    let dir = head_dir("benchargs", None);
+    let h = dir.to_str().unwrap();
+    let data = tmpdir("benchdata");
+    let corpus = data.join("c.parquet");
+    // A tiny corpus: two prompts of 2 and 6 words.
+    eesd_core::corpus::write_prompts(&corpus, &[("a", "w5 w6"), ("b", "w5 w6 w7 w8 w9 w10")])
+        .unwrap();
+    let c = corpus.to_str().unwrap();
+    let out_dir = data.join("out");
+    let o = out_dir.to_str().unwrap();
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "--model", &m, "--head", h, "--data", c, "--out", o];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    assert_clean_error(
+        &bench(&["--num-prompts", "0"]),
+        "--num-prompts must be at least 1",
+    );
+    assert_clean_error(
+        &bench(&["--controllers", "off,fixed:1,fixed:1"]),
+        "lists `fixed:1` twice",
+    );
+    assert_clean_error(
+        &bench(&["--max-prompt-tokens", "1"]),
+        "fits --max-prompt-tokens 1",
+    );
+    // A run writes its report; a second one into the same folder needs --force.
+    let ok = bench(&[
+        "--controllers",
+        "off,fixed:1",
+        "--num-prompts",
+        "1",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(out_dir.join("bench.json").is_file());
+    assert_clean_error(&bench(&["--controllers", "off,fixed:1"]), "give --force");
+    let again = bench(&[
+        "--controllers",
+        "off,fixed:1",
+        "--num-prompts",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--force",
+    ]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+/// `fixed:8` with the default `--max-draft 8` is fine even when few tokens are asked for (the
+/// engine then drafts fewer); the error named a limit the user never set.
+#[test]
+fn a_fixed_length_within_max_draft_is_accepted_for_short_generations() {
+    let m = model();
+    let dir = head_dir("fixed8", None);
+    let out = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "w5 w6",
+        "--head",
+        dir.to_str().unwrap(),
+        "--controller",
+        "fixed:8",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

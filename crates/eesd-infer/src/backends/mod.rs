@@ -89,6 +89,15 @@ impl<'a> TorchModel<'a> {
         self.head.is_some_and(|h| h.final_state.is_some())
     }
 
+    pub fn spec(&self) -> crate::engine::ModelSpec {
+        crate::engine::ModelSpec {
+            context: self.base.cfg.max_position_embeddings,
+            vocab: self.base.cfg.vocab_size,
+            has_head: self.head.is_some(),
+            head_reads_finals: self.reads_finals(),
+        }
+    }
+
     /// The prompt through every layer and, given its cache, the head, in torch (its GEMMs
     /// suit long prompts; decode steps then run on the backend's kernels, so every position
     /// is computed the same way by plain and speculative decoding): the logits of the last
@@ -120,9 +129,17 @@ impl<'a> TorchModel<'a> {
     }
 
     /// The prefill's token (host id).
-    pub fn first_token(&self, logits: &Tensor, sampling: &SamplingParams) -> u32 {
+    pub fn first_token(&self, logits: &Tensor, sampling: &SamplingParams) -> Result<u32> {
         let _g = tch::no_grad_guard();
-        sampling.select(logits).int64_value(&[0]) as u32
+        let token = if sampling.is_greedy() {
+            logits.argmax(-1, false)
+        } else {
+            draw(
+                &sampling.probs(logits),
+                "the model's next-token distribution",
+            )?
+        };
+        Ok(token.int64_value(&[0]) as u32)
     }
 
     /// A draft token `[1]` i64 from the head's logits `[1, V_d]`, its top-1 probability when
@@ -140,7 +157,7 @@ impl<'a> TorchModel<'a> {
         let greedy = sampling.is_greedy();
         let q = (!greedy || want_confidence).then(|| sampling.probs(logits));
         let idx = match (&q, greedy) {
-            (Some(q), false) => q.multinomial(1, false).squeeze_dim(1),
+            (Some(q), false) => draw(q, "the head's draft distribution")?,
             _ => logits.argmax(-1, false),
         };
         let confidence =
@@ -157,10 +174,10 @@ impl<'a> TorchModel<'a> {
         drafts: &Tensor,
         q: &[Tensor],
         sampling: &SamplingParams,
-    ) -> Verdict {
+    ) -> Result<Verdict> {
         let _g = tch::no_grad_guard();
         if sampling.is_greedy() {
-            return accept_greedy(logits, drafts);
+            return Ok(accept_greedy(logits, drafts));
         }
         let (device, vocab) = (logits.device(), self.base.cfg.vocab_size as i64);
         let k = drafts.size()[0];
@@ -172,7 +189,23 @@ impl<'a> TorchModel<'a> {
         };
         let u = Tensor::rand([k], (Kind::Float, device));
         accept_sampled(&p, &q, drafts, &u)
+            .map_err(|_| broken("the model's or the head's distribution"))
     }
+}
+
+/// One draw `[1]` from each row of `probs` `[B, V]`, or an error naming `what` when a row is
+/// not a distribution (NaN, inf or negative mass: broken weights), instead of torch's panic.
+fn draw(probs: &Tensor, what: &str) -> Result<Tensor> {
+    probs
+        .f_multinomial(1, false)
+        .map(|t| t.squeeze_dim(1))
+        .map_err(|_| broken(what))
+}
+
+fn broken(what: &str) -> Error {
+    Error::Input(format!(
+        "{what} is not a probability distribution (it holds NaN, inf or negative values): the weights are broken"
+    ))
 }
 
 /// The base's KV cache as the engine sees it.

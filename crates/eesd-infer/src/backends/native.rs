@@ -4,7 +4,7 @@
 //! a batched sequence equals itself alone, by construction.
 
 use super::TorchModel;
-use crate::engine::{Backend, DecodeGuard, Drafted, Rows};
+use crate::engine::{Backend, DecodeGuard, Drafted, ModelSpec, Rows};
 use crate::verify::Verdict;
 use eesd_core::cache::KvCache;
 use eesd_core::head::EarlyExitHead;
@@ -98,20 +98,8 @@ impl Backend for NativeBackend<'_> {
     type Probs = Tensor;
     type Cache = KvCache;
 
-    fn context_len(&self) -> usize {
-        self.base().cfg.max_position_embeddings
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.base().cfg.vocab_size
-    }
-
-    fn has_head(&self) -> bool {
-        self.head.is_some()
-    }
-
-    fn head_reads_finals(&self) -> bool {
-        self.torch.reads_finals()
+    fn spec(&self) -> ModelSpec {
+        self.torch.spec()
     }
 
     fn verify_width(&self) -> Option<usize> {
@@ -220,7 +208,7 @@ impl Backend for NativeBackend<'_> {
             .head
             .as_ref()
             .ok_or_else(|| Error::Input("drafting needs a head".into()))?;
-        let reads = self.head_reads_finals();
+        let reads = self.torch.reads_finals();
         let prev: Vec<Option<&[f32]>> = prev
             .iter()
             .map(|p| p.filter(|_| reads).map(|p| p.data.as_slice()))
@@ -242,7 +230,7 @@ impl Backend for NativeBackend<'_> {
     }
 
     fn first_token(&self, logits: &Tensor, sampling: &SamplingParams) -> Result<u32> {
-        Ok(self.torch.first_token(logits, sampling))
+        self.torch.first_token(logits, sampling)
     }
 
     fn choose_draft(
@@ -267,9 +255,8 @@ impl Backend for NativeBackend<'_> {
         sampling: &SamplingParams,
     ) -> Result<Verdict> {
         let ids: Vec<i64> = drafts.iter().map(|&t| t as i64).collect();
-        Ok(self
-            .torch
-            .judge(logits, &Tensor::from_slice(&ids), q, sampling))
+        self.torch
+            .judge(logits, &Tensor::from_slice(&ids), q, sampling)
     }
 
     /// Torch runs single-threaded until the guard drops: the loop's few torch ops (argmax,

@@ -8,7 +8,7 @@
 
 use super::graphs::{Graphs, Unit};
 use super::TorchModel;
-use crate::engine::{Backend, Drafted, Rows};
+use crate::engine::{Backend, Drafted, ModelSpec, Rows};
 use crate::verify::Verdict;
 use eesd_core::cache::KvCache;
 use eesd_core::device::synchronize;
@@ -227,20 +227,8 @@ impl Backend for TorchBackend<'_> {
     type Probs = Tensor;
     type Cache = KvCache;
 
-    fn context_len(&self) -> usize {
-        self.base().cfg.max_position_embeddings
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.base().cfg.vocab_size
-    }
-
-    fn has_head(&self) -> bool {
-        self.torch.head.is_some()
-    }
-
-    fn head_reads_finals(&self) -> bool {
-        self.torch.reads_finals()
+    fn spec(&self) -> ModelSpec {
+        self.torch.spec()
     }
 
     fn verify_width(&self) -> Option<usize> {
@@ -336,7 +324,7 @@ impl Backend for TorchBackend<'_> {
     }
 
     fn first_token(&self, logits: &Tensor, sampling: &SamplingParams) -> Result<u32> {
-        Ok(self.torch.first_token(logits, sampling))
+        self.torch.first_token(logits, sampling)
     }
 
     fn choose_draft(
@@ -365,7 +353,7 @@ impl Backend for TorchBackend<'_> {
         } else {
             Tensor::cat(drafts, 0)
         };
-        Ok(self.torch.judge(logits, &ids, q, sampling))
+        self.torch.judge(logits, &ids, q, sampling)
     }
 
     fn synchronize(&self) {

@@ -33,6 +33,18 @@ pub trait Cache {
     fn roll_back(&mut self, len: usize);
 }
 
+/// What the engine needs to know about the model a backend runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Positions the model can attend over (`max_position_embeddings`).
+    pub context: usize,
+    pub vocab: usize,
+    /// Whether a head is loaded: without one every round is a plain step.
+    pub has_head: bool,
+    /// Whether the head also reads the base's final state of the previous position.
+    pub head_reads_finals: bool,
+}
+
 /// A draft token chosen from the head's logits.
 pub struct Drafted<B: Backend + ?Sized> {
     pub token: B::Token,
@@ -55,13 +67,8 @@ pub trait Backend {
     type Probs;
     type Cache: Cache;
 
-    /// Positions the model can attend over (`max_position_embeddings`).
-    fn context_len(&self) -> usize;
-    fn vocab_size(&self) -> usize;
-    /// Whether a head is loaded: without one every round is a plain step.
-    fn has_head(&self) -> bool;
-    /// Whether the head also reads the base's final state of the previous position.
-    fn head_reads_finals(&self) -> bool;
+    /// The model's sizes and the head's kind.
+    fn spec(&self) -> ModelSpec;
     /// The most positions one verification may check, where the backend bounds it.
     fn verify_width(&self) -> Option<usize>;
     /// Time every this many rounds for the cost model (a timed round synchronises twice).

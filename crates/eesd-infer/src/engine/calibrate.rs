@@ -18,9 +18,9 @@ impl<B: Backend> Engine<B> {
         let b = &self.backend;
         let k_max = self.costs.k_max();
         let widths = k_max.min(b.verify_width().map_or(k_max, |w| w - 1));
-        let (mut cache, mut head_cache) = b.new_caches(context, widths + 1, b.has_head());
+        let (mut cache, mut head_cache) = b.new_caches(context, widths + 1, b.spec().has_head);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let vocab = b.vocab_size() as u32;
+        let vocab = b.spec().vocab as u32;
         let ids: Vec<u32> = (0..context).map(|_| rng.random_range(0..vocab)).collect();
         b.prefill(&ids, &mut cache, head_cache.as_mut())?;
         let one = b.token(ids[0]);

@@ -8,7 +8,7 @@ pub mod calibrate;
 pub mod round;
 pub mod sequence;
 
-pub use backend::{Backend, Cache, DecodeGuard, Drafted, Rows};
+pub use backend::{Backend, Cache, DecodeGuard, Drafted, ModelSpec, Rows};
 pub use sequence::{GenerateOptions, Generation, Sequence, StopReason};
 
 use crate::controller::{Controller, DEFAULT_MAX_DRAFT};
@@ -51,7 +51,7 @@ impl<B: Backend> Engine<B> {
     /// Checks a prompt before any work: not empty, inside the vocabulary, room for one token.
     pub fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
         let b = &self.backend;
-        eesd_core::generate::check_prompt_fits(prompt, b.context_len(), b.vocab_size())
+        eesd_core::generate::check_prompt_fits(prompt, b.spec().context, b.spec().vocab)
     }
 
     /// A sequence with its prompt prefilled (through the head too when it may draft) and its
@@ -67,7 +67,7 @@ impl<B: Backend> Engine<B> {
             return Ok(None);
         }
         let b = &self.backend;
-        let drafting = b.has_head() && controller.drafts();
+        let drafting = b.spec().has_head && controller.drafts();
         let (mut cache, mut head_cache) = b.new_caches(prompt.len(), opts.max_new_tokens, drafting);
         b.synchronize();
         let t0 = Instant::now();
@@ -75,7 +75,7 @@ impl<B: Backend> Engine<B> {
         let first = b.first_token(&logits, &opts.sampling)?;
         let mut seq = Sequence {
             prompt_len: prompt.len(),
-            context_len: b.context_len(),
+            context_len: b.spec().context,
             opts: opts.clone(),
             ids: Vec::with_capacity(opts.max_new_tokens),
             pending: first,

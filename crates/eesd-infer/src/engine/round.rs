@@ -107,7 +107,7 @@ fn draft<B: Backend>(
     ds: &mut [Draft<B>],
     costs: &Costs,
 ) -> Result<()> {
-    let reads_finals = b.head_reads_finals();
+    let reads_finals = b.spec().head_reads_finals;
     for i in 1.. {
         if ds.iter().all(|d| d.done) {
             return Ok(());
@@ -225,7 +225,7 @@ fn commit<B: Backend>(
     let accepted = b.token_ids(&d.tokens[..a])?;
     let keep = d.committed_before + 1 + a; // pending + accepted drafts
     s.cache.roll_back(keep);
-    let reads_finals = b.head_reads_finals();
+    let reads_finals = b.spec().head_reads_finals;
     if let Some(hc) = s.head_cache.as_mut() {
         hc.roll_back(keep);
         // Committed tokens that neither the head cache nor the backlog covers yet (the last

@@ -131,17 +131,13 @@ impl Backend for Fake {
     type Probs = ();
     type Cache = FakeCache;
 
-    fn context_len(&self) -> usize {
-        self.context
-    }
-    fn vocab_size(&self) -> usize {
-        VOCAB as usize
-    }
-    fn has_head(&self) -> bool {
-        true
-    }
-    fn head_reads_finals(&self) -> bool {
-        self.reads_finals
+    fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            context: self.context,
+            vocab: VOCAB as usize,
+            has_head: true,
+            head_reads_finals: self.reads_finals,
+        }
     }
     fn verify_width(&self) -> Option<usize> {
         None
