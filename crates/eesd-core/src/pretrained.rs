@@ -28,6 +28,15 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
         }
         return Ok(local.to_path_buf());
     }
+    if local.is_file() {
+        return Err(Error::Input(format!(
+            "--model {spec} is a file; give the model folder that holds config.json, the \
+             *.safetensors and tokenizer.json (e.g. {})",
+            local
+                .parent()
+                .map_or(".".into(), |d| d.display().to_string())
+        )));
+    }
     let is_hub_id =
         spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
     if !is_hub_id {

@@ -36,7 +36,7 @@ impl SamplingParams {
     pub fn new(temperature: f64, top_k: usize, top_p: f64) -> Result<Self> {
         if temperature.is_nan() || temperature < 0.0 || !temperature.is_finite() {
             return Err(Error::Input(format!(
-                "temperature must be >= 0, got {temperature}"
+                "temperature must be a finite number >= 0, got {temperature}"
             )));
         }
         if top_p.is_nan() || top_p <= 0.0 || top_p > 1.0 {

@@ -274,7 +274,7 @@ fn bad_sampling_values() {
             "--temperature",
             "-1",
         ]),
-        "temperature must be >= 0",
+        "temperature must be a finite number >= 0",
     );
     assert_clean_error(
         &run(&["generate", "--model", &m, "--prompt", "w5", "--top-p", "0"]),

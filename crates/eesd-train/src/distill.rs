@@ -26,6 +26,7 @@ use std::time::Instant;
 use tch::{Kind, Tensor};
 
 #[derive(Args, Debug, Clone, Serialize)]
+#[command(allow_negative_numbers = true)]
 pub struct DistillArgs {
     /// The base model (`--model`, `--device`, `--dtype` [default: bf16]); the head always
     /// trains in f32.
@@ -107,6 +108,103 @@ pub struct DistillArgs {
     /// metrics as JSON and train nothing (with `--export`, also write the head with them).
     #[arg(long)]
     pub eval_only: bool,
+    /// Replace a head already at `--export`, and start over in an `--out` that holds a run
+    /// (without it both are refused before any work).
+    #[arg(long)]
+    #[serde(skip)]
+    pub force: bool,
+}
+
+impl DistillArgs {
+    /// Every flag the user can get wrong, checked before the model loads; each message names
+    /// the flag to change.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                bail!("--{name} must be a finite number > 0, got {v}")
+            }
+        };
+        let non_negative = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                bail!("--{name} must be a finite number >= 0, got {v}")
+            }
+        };
+        positive("lr", self.lr)?;
+        positive("clip", self.clip)?;
+        positive("kd-temperature", self.kd_temperature)?;
+        non_negative("weight-decay", self.weight_decay)?;
+        non_negative("kl-weight", self.kl_weight)?;
+        non_negative("ce-weight", self.ce_weight)?;
+        if self.kl_weight == 0.0 && self.ce_weight == 0.0 {
+            bail!("--kl-weight and --ce-weight are both 0: the loss would be 0");
+        }
+        for (name, v) in [
+            ("steps", self.steps as usize),
+            ("accum", self.accum),
+            ("eval-every", self.eval_every as usize),
+            ("eval-examples", self.eval_examples),
+            ("head-layers", self.head_layers),
+        ] {
+            if v == 0 && !(self.eval_only && name == "steps") {
+                bail!("--{name} must be at least 1");
+            }
+        }
+        if self.max_seq < 2 {
+            bail!(
+                "--max-seq {} leaves no room for a prompt and a response token",
+                self.max_seq
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses to replace what the user did not ask to replace: a head at `--export` (and
+    /// anything else there, ever), a run in `--out` (without `--resume`).
+    pub fn check_outputs(&self) -> Result<()> {
+        if let Some(dir) = &self.export {
+            if dir.exists() {
+                let names: Vec<String> = std::fs::read_dir(dir)
+                    .with_context(|| format!("reading --export {}", dir.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                    .collect();
+                let foreign: Vec<&String> = names
+                    .iter()
+                    .filter(|n| !matches!(n.as_str(), "head.json" | "head.safetensors"))
+                    .collect();
+                if !foreign.is_empty() {
+                    bail!(
+                        "--export {} holds other files ({}): exporting replaces the whole folder; \
+                         give a folder of its own",
+                        dir.display(),
+                        foreign
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                if !names.is_empty() && !self.force {
+                    bail!(
+                        "--export {} already holds a head: give --force to replace it",
+                        dir.display()
+                    );
+                }
+            }
+        }
+        let state = checkpoint_dir(&self.out).join("trainer.json");
+        if !self.eval_only && !self.resume && !self.force && state.exists() {
+            bail!(
+                "--out {} holds a run ({}): give --resume to continue it or --force to start over",
+                self.out.display(),
+                state.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Trainer state saved next to the head, so a resumed run continues the same run.
@@ -124,6 +222,12 @@ struct Example {
     start: i64,
     /// Response tokens predicted at positions start.. (i64, on the device).
     targets: Tensor,
+}
+
+/// Whether `row` gives at least one response token within `max_seq` (see [`example`]).
+fn example_fits(row: &TeacherRow, max_seq: usize) -> bool {
+    let p = row.prompt_ids.len();
+    p > 0 && !row.response_ids.is_empty() && max_seq > p
 }
 
 fn example(row: &TeacherRow, max_seq: usize, device: tch::Device) -> Option<Example> {
@@ -386,6 +490,8 @@ fn save_checkpoint(
 }
 
 pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
+    a.validate()?;
+    a.check_outputs()?;
     let p = a
         .base
         .load()
@@ -406,6 +512,13 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
     }
     if rows.is_empty() {
         bail!("the teacher data {:?} holds no rows", a.data);
+    }
+    if !rows.iter().any(|r| example_fits(r, a.max_seq)) {
+        let shortest = rows.iter().map(|r| r.prompt_ids.len()).min().unwrap_or(0);
+        bail!(
+            "--max-seq {} leaves no response token in any teacher row (the shortest prompt has {shortest} tokens)",
+            a.max_seq
+        );
     }
     let mut eval_rows = Vec::new();
     for spec in &a.eval_data {

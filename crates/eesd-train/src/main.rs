@@ -46,9 +46,10 @@ fn table_to_args(sub: &str, table: &toml::Table) -> Result<Vec<String>> {
             match v {
                 toml::Value::Boolean(true) => args.push(flag.clone()),
                 toml::Value::Boolean(false) => {}
-                toml::Value::String(s) => args.extend([flag.clone(), s.clone()]),
-                toml::Value::Integer(i) => args.extend([flag.clone(), i.to_string()]),
-                toml::Value::Float(f) => args.extend([flag.clone(), f.to_string()]),
+                // `--flag=value`, so a negative number is a value, not another flag.
+                toml::Value::String(s) => args.push(format!("{flag}={s}")),
+                toml::Value::Integer(i) => args.push(format!("{flag}={i}")),
+                toml::Value::Float(f) => args.push(format!("{flag}={f}")),
                 other => bail!("[{sub}] {k}: unsupported value {other}"),
             }
             Ok(())
@@ -61,40 +62,75 @@ fn table_to_args(sub: &str, table: &toml::Table) -> Result<Vec<String>> {
     Ok(args)
 }
 
+/// One recipe table parsed as the subcommand's flags; clap's own "error: " prefix is dropped
+/// (main adds one).
+fn parse_table(
+    path: &std::path::Path,
+    name: &str,
+    sub: &str,
+    table: &toml::Table,
+) -> Result<Command> {
+    Cli::try_parse_from(table_to_args(sub, table)?)
+        .map(|c| c.cmd)
+        .map_err(|e| {
+            let msg = e.render().to_string();
+            anyhow::anyhow!(
+                "{} [{name}]: {}",
+                path.display(),
+                msg.trim().trim_start_matches("error: ")
+            )
+        })
+}
+
+/// Runs a recipe's `[gen*]` tables, then `[distill]`. Every table is parsed and checked before
+/// the first stage runs, so a typo in `[distill]` is reported before hours of generation.
 fn run_recipe(path: &PathBuf, skip_gen: bool, gen_only: bool) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let recipe: toml::Table =
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let section = |name: &str| -> Result<&toml::Table> {
-        recipe
-            .get(name)
-            .and_then(|v| v.as_table())
-            .with_context(|| format!("{} has no [{name}] table", path.display()))
-    };
     // Every table named gen* (e.g. [gen] for training data, [gen_eval] for held-out data).
+    let mut gens = Vec::new();
     for (name, table) in recipe
         .iter()
         .filter(|(k, _)| k.starts_with("gen") && !skip_gen)
     {
         let table = table
             .as_table()
-            .with_context(|| format!("[{name}] must be a table"))?;
-        eprintln!("recipe: [{name}]");
-        match Cli::try_parse_from(table_to_args("gen", table)?)?.cmd {
-            Command::Gen(a) => teacher::run(&a)?,
+            .with_context(|| format!("{} [{name}] must be a table", path.display()))?;
+        match parse_table(path, name, "gen", table)? {
+            Command::Gen(a) => {
+                a.validate()
+                    .with_context(|| format!("{} [{name}]", path.display()))?;
+                gens.push((name.clone(), a));
+            }
             _ => unreachable!("parsed as gen"),
         }
     }
-    if gen_only {
-        return Ok(());
-    }
-    let args = table_to_args("distill", section("distill")?)?;
-    match Cli::try_parse_from(&args)?.cmd {
-        Command::Distill(a) => {
-            distill::run(&a)?;
+    let distill = if gen_only {
+        None
+    } else {
+        let table = recipe
+            .get("distill")
+            .and_then(|v| v.as_table())
+            .with_context(|| format!("{} has no [distill] table", path.display()))?;
+        match parse_table(path, "distill", "distill", table)? {
+            Command::Distill(a) => {
+                a.validate()
+                    .and_then(|()| a.check_outputs())
+                    .with_context(|| format!("{} [distill]", path.display()))?;
+                Some(a)
+            }
+            _ => unreachable!("parsed as distill"),
         }
-        _ => unreachable!("parsed as distill"),
+    };
+    for (name, a) in &gens {
+        eprintln!("recipe: [{name}]");
+        teacher::run(a)?;
+    }
+    if let Some(a) = distill {
+        eprintln!("recipe: [distill]");
+        distill::run(&a)?;
     }
     Ok(())
 }

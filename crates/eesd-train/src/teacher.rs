@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Args, Debug, Clone)]
+#[command(allow_negative_numbers = true)]
 pub struct GenArgs {
     /// The base model (`--model`, `--device`, `--dtype`).
     #[command(flatten)]
@@ -60,7 +61,29 @@ pub struct GenArgs {
     pub chunk: usize,
 }
 
+impl GenArgs {
+    /// Every count and rate the user can get wrong, before the model loads.
+    pub fn validate(&self) -> Result<()> {
+        if self.limit == Some(0) {
+            anyhow::bail!("--limit 0 takes no prompt: give at least 1 (or leave it out for all)");
+        }
+        for (name, v) in [
+            ("batch-size", self.batch_size),
+            ("chunk", self.chunk),
+            ("max-new-tokens", self.max_new_tokens),
+            ("max-prompt-tokens", self.max_prompt_tokens),
+        ] {
+            if v == 0 {
+                anyhow::bail!("--{name} must be at least 1");
+            }
+        }
+        SamplingParams::new(self.temperature, 0, self.top_p)?;
+        Ok(())
+    }
+}
+
 pub fn run(a: &GenArgs) -> Result<()> {
+    a.validate()?;
     let sampling = SamplingParams::new(a.temperature, 0, a.top_p)?;
     let mut sources = Vec::new();
     let mut references: std::collections::HashMap<String, String> = Default::default();

@@ -387,3 +387,192 @@ fn bad_input_is_refused_clearly() {
     )
     .is_ok());
 }
+
+/// `eesd-train` with `args`: (success, stderr).
+fn train_cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eesd-train"))
+        .args(args)
+        .output()
+        .expect("run eesd-train");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Fails with `needle` in the message, no panic and no doubled "error:" prefix.
+fn refused(args: &[&str], needle: &str) {
+    let (ok, err) = train_cli(args);
+    assert!(!ok, "{args:?} succeeded: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: stderr lacks `{needle}`: {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("error: error:"),
+        "{args:?}: {err}"
+    );
+}
+
+#[test]
+fn nonsense_flags_are_refused_before_any_work() {
+    let dir = tmp("flags");
+    let m = fixture();
+    let m = m.to_str().unwrap();
+    let out = dir.join("run");
+    let o = out.to_str().unwrap();
+    let base = [
+        "distill",
+        "--model",
+        m,
+        "--data",
+        "none.parquet",
+        "--out",
+        o,
+        "--exit-layer",
+        "1",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    for (extra, needle) in [
+        (
+            &["--lr", "NaN"][..],
+            "--lr must be a finite number > 0, got NaN",
+        ),
+        (
+            &["--lr", "-0.001"][..],
+            "--lr must be a finite number > 0, got -0.001",
+        ),
+        (&["--accum", "0"][..], "--accum must be at least 1"),
+        (&["--steps", "0"][..], "--steps must be at least 1"),
+        (&["--max-seq", "1"][..], "--max-seq 1 leaves no room"),
+    ] {
+        let args = with(extra);
+        refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+    }
+    let gen = |extra: &[&str]| -> Vec<String> {
+        ["gen", "--model", m, "--data", "none.parquet", "--out", o]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    for (extra, needle) in [
+        (&["--limit", "0"][..], "--limit 0 takes no prompt"),
+        (
+            &["--batch-size", "0"][..],
+            "--batch-size must be at least 1",
+        ),
+        (&["--chunk", "0"][..], "--chunk must be at least 1"),
+    ] {
+        let args = gen(extra);
+        refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+    }
+    // A recipe: a negative number is a value, and a typo in [distill] is reported before
+    // [gen] runs (the gen table would fail on its missing corpus if it ran).
+    let recipe = dir.join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[gen]\nmodel = \"{m}\"\ndata = [\"missing.parquet\"]\nout = \"{o}/t\"\n\n\
+             [distill]\nmodel = \"{m}\"\ndata = [\"{o}/t\"]\nout = \"{o}\"\nexit_layer = 1\nlr = -0.001\n"
+        ),
+    )
+    .unwrap();
+    refused(
+        &["run", recipe.to_str().unwrap()],
+        "--lr must be a finite number > 0, got -0.001",
+    );
+    std::fs::write(
+        &recipe,
+        format!("[gen]\nmodel = \"{m}\"\ndata = [\"missing.parquet\"]\nout = \"{o}/t\"\n\n[distill]\nmodle = \"x\"\n"),
+    )
+    .unwrap();
+    refused(&["run", recipe.to_str().unwrap()], "[distill]");
+    // --model pointing at a file names the folder it wants.
+    let cfg = format!("{m}/config.json");
+    refused(
+        &[
+            "distill",
+            "--model",
+            &cfg,
+            "--data",
+            "x",
+            "--out",
+            o,
+            "--exit-layer",
+            "1",
+        ],
+        "is a file",
+    );
+}
+
+#[test]
+fn exports_and_runs_are_not_replaced_unasked() {
+    let dir = tmp("noclobber");
+    let m = fixture();
+    let m = m.to_str().unwrap();
+    // An export folder holding other files is never replaced (it would delete them) ...
+    let shared = dir.join("heads");
+    std::fs::create_dir_all(shared.join("other-head")).unwrap();
+    std::fs::write(shared.join("notes.txt"), "keep me").unwrap();
+    let o = dir.join("run");
+    let args = |export: &std::path::Path, extra: &[&str]| -> Vec<String> {
+        [
+            "distill",
+            "--model",
+            m,
+            "--data",
+            "x",
+            "--out",
+            o.to_str().unwrap(),
+            "--exit-layer",
+            "1",
+            "--export",
+            export.to_str().unwrap(),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    for extra in [&[][..], &["--force"][..]] {
+        let a = args(&shared, extra);
+        refused(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            "holds other files",
+        );
+    }
+    assert!(shared.join("notes.txt").is_file() && shared.join("other-head").is_dir());
+    // ... and a head there is replaced only with --force.
+    let head = dir.join("head");
+    std::fs::create_dir_all(&head).unwrap();
+    std::fs::write(head.join("head.json"), "{}").unwrap();
+    let a = args(&head, &[]);
+    refused(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        "give --force",
+    );
+    // A run in --out is continued with --resume or replaced with --force, never silently.
+    std::fs::create_dir_all(o.join("checkpoint")).unwrap();
+    std::fs::write(o.join("checkpoint/trainer.json"), "{}").unwrap();
+    let a: Vec<String> = [
+        "distill",
+        "--model",
+        m,
+        "--data",
+        "x",
+        "--out",
+        o.to_str().unwrap(),
+        "--exit-layer",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    refused(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        "give --resume to continue it",
+    );
+}
