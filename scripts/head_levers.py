@@ -205,6 +205,8 @@ def export(a, head, vocab, log):
     spec.update(head_layers=a.layers, final_state_input=bool(a.fin), init="exit-layer",
                 step=log[-1]["step"], metrics=dict(probe_eval=log[-1]["eval"]),
                 training=dict(trainer="scripts/head_levers.py", args=vars(a)))
+    # The exit layer the weights were trained at, which eesd checks head.json against.
+    out["exit_layer"] = torch.tensor([spec["exit_layer"]], dtype=torch.int64)
     os.makedirs(a.export, exist_ok=True)
     save_file(out, os.path.join(a.export, "head.safetensors"))
     json.dump(spec, open(os.path.join(a.export, "head.json"), "w"), indent=2)

@@ -54,3 +54,14 @@ impl Error {
         }
     }
 }
+
+/// Whether an error chain holds a write to a closed pipe (a reader such as `head` went away):
+/// the binaries then end quietly, as Unix tools do.
+pub fn is_closed_pipe<'a>(
+    mut chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> bool {
+    chain.any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

@@ -296,6 +296,74 @@ impl EarlyExitHead {
         } else {
             None
         };
+        // The weights record the exit layer they were trained at (heads saved before that
+        // carry no record): an edited head.json must not run them on another layer.
+        if w.contains("exit_layer") {
+            let trained = w.get_exact("exit_layer", &[1])?.int64_value(&[0]);
+            if trained != spec.exit_layer as i64 {
+                return Err(Error::Input(format!(
+                    "{}: head.json says exit layer N = {}, but head.safetensors was trained at N = {trained}",
+                    dir.display(),
+                    spec.exit_layer
+                )));
+            }
+        }
+        // Tensors the spec does not account for (an edited layer count, a dropped final-state
+        // input) mean head.json and the weights disagree.
+        let unused = w.unused();
+        if !unused.is_empty() {
+            return Err(Error::Input(format!(
+                "{}: head.safetensors holds tensors head.json does not describe ({}): the head \
+                 has {} layer(s){} by its head.json",
+                dir.display(),
+                unused
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                spec.head_layers,
+                if spec.final_state_input {
+                    " and a final-state input"
+                } else {
+                    ""
+                }
+            )));
+        }
+        // The weights record the exit layer they were trained at (heads saved before that
+        // carry no record): an edited head.json must not run them on another layer.
+        if w.contains("exit_layer") {
+            let trained = w.get_exact("exit_layer", &[1])?.int64_value(&[0]);
+            if trained != spec.exit_layer as i64 {
+                return Err(Error::Input(format!(
+                    "{}: head.json says exit layer N = {}, but head.safetensors was trained at N = {trained}",
+                    dir.display(),
+                    spec.exit_layer
+                )));
+            }
+        }
+        // Tensors the spec does not account for (an edited layer count, a dropped final-state
+        // input) mean head.json and the weights disagree.
+        let unused = w.unused();
+        if !unused.is_empty() {
+            return Err(Error::Input(format!(
+                "{}: head.safetensors holds tensors head.json does not describe ({}): the head \
+                 has {} layer(s){} by its head.json",
+                dir.display(),
+                unused
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                spec.head_layers,
+                if spec.final_state_input {
+                    " and a final-state input"
+                } else {
+                    ""
+                }
+            )));
+        }
         let mut head = EarlyExitHead {
             spec,
             layers,
@@ -330,6 +398,9 @@ impl EarlyExitHead {
         if let Some(m) = &self.vocab_map {
             out.push(("draft_vocab".into(), m.shallow_clone()));
         }
+        // What the weights were trained for, checked against head.json at load.
+        let n = Tensor::from_slice(&[self.spec.exit_layer as i64]);
+        out.push(("exit_layer".into(), n));
         out
     }
 
@@ -519,4 +590,58 @@ fn sibling(dir: &Path, tag: &str) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     dir.with_file_name(format!(".{name}.{tag}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LlamaConfig;
+
+    /// A saved head whose head.json is then edited away from its weights is refused at load:
+    /// another exit layer, fewer layers, a dropped final-state input.
+    #[test]
+    fn a_head_json_edited_away_from_its_weights_is_refused() {
+        let mut cfg = LlamaConfig::named_shape("smollm2-135m").unwrap();
+        (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) = (64, 128, 6);
+        (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.vocab_size,
+        ) = (4, 2, 16, 96);
+        let base = Llama::random(cfg, Kind::Float, tch::Device::Cpu);
+        let mut spec = HeadSpec::for_base(&base, "fp", 2);
+        spec.head_layers = 2;
+        spec.final_state_input = true;
+        let head = EarlyExitHead::init(&base, spec, None).unwrap();
+        let dir = std::env::temp_dir().join(format!("eesd-head-edit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        head.save(&dir).unwrap();
+        EarlyExitHead::load(&dir, &base, "fp").expect("the head as saved loads");
+        let json = dir.join("head.json");
+        let saved = std::fs::read_to_string(&json).unwrap();
+        for (field, value, needle) in [
+            ("exit_layer", serde_json::json!(4), "was trained at N = 2"),
+            (
+                "head_layers",
+                serde_json::json!(1),
+                "does not describe (layers.1.",
+            ),
+            (
+                "final_state_input",
+                serde_json::json!(false),
+                "final_state.",
+            ),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(&saved).unwrap();
+            v[field] = value;
+            std::fs::write(&json, v.to_string()).unwrap();
+            let err = EarlyExitHead::load(&dir, &base, "fp")
+                .err()
+                .expect(field)
+                .to_string();
+            assert!(err.contains(needle), "{field}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -593,11 +593,7 @@ fn main() {
     if let Err(e) = result {
         // A reader that closed stdout (`| head`) ends the command quietly, as `head` users
         // expect of a Unix tool.
-        let closed = e.chain().any(|c| {
-            c.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-        });
-        if closed {
+        if eesd_core::error::is_closed_pipe(e.chain()) {
             std::process::exit(0);
         }
         eprintln!("error: {e:#}");

@@ -497,39 +497,92 @@ fn a_nan_head_is_an_error_when_sampling() {
     );
 }
 
-/// `generate | head -c 20`: the reader goes away, and the command ends quietly.
-#[test]
-fn a_closed_stdout_ends_generate_quietly() {
+/// Runs `args` with stdout closed before the command writes anything (`... | head -c 0`):
+/// it must end quietly, with success and no panic.
+fn assert_quiet_with_closed_stdout(args: &[&str]) {
     use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eesd-infer"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {:?}, {err}", out.status);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{args:?}: {err}"
+    );
+}
+
+/// `generate | head -c 20` and the like: every subcommand ends quietly when its reader goes.
+#[test]
+fn every_subcommand_ends_quietly_with_a_closed_stdout() {
     let m = model();
-    for json in [false, true] {
-        let mut args = vec![
-            "generate",
-            "--model",
-            &m,
-            "--prompt",
-            "w5 w6",
-            "--max-new-tokens",
-            "40",
-        ];
-        if json {
-            args.push("--json");
-        }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_eesd-infer"))
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take()); // closed before the first token is written
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "json {json}: {:?}, {err}", out.status);
-        assert!(
-            !err.contains("panicked") && !err.contains("Broken pipe"),
-            "json {json}: {err}"
-        );
-    }
+    let dir = tmpdir("closed");
+    let prompts = dir.join("p.jsonl");
+    std::fs::write(&prompts, "{\"id\": \"a\", \"prompt\": \"w5 w6\"}\n").unwrap();
+    let corpus = dir.join("c.parquet");
+    eesd_core::corpus::write_prompts(&corpus, &[("a", "w5 w6")]).unwrap();
+    let head = head_dir("closedhead", None);
+    let (p, c, h) = (
+        prompts.to_str().unwrap(),
+        corpus.to_str().unwrap(),
+        head.to_str().unwrap(),
+    );
+    let out = dir.join("bench");
+    let gen = [
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "w5 w6",
+        "--max-new-tokens",
+        "40",
+    ];
+    assert_quiet_with_closed_stdout(&gen);
+    assert_quiet_with_closed_stdout(&[&gen[..], &["--json"]].concat());
+    assert_quiet_with_closed_stdout(&[
+        "bench",
+        "--model",
+        &m,
+        "--head",
+        h,
+        "--data",
+        c,
+        "--controllers",
+        "off,fixed:1",
+        "--num-prompts",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_quiet_with_closed_stdout(&[
+        "bench-decode",
+        "--model",
+        &m,
+        "--prompt-file",
+        p,
+        "--num-prompts",
+        "1",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert_quiet_with_closed_stdout(&[
+        "bench-kernels",
+        "--dtypes",
+        "f32",
+        "--rows",
+        "1",
+        "--reps",
+        "1",
+        "--context",
+        "8",
+    ]);
 }
 
 #[test]
@@ -617,5 +670,40 @@ fn a_fixed_length_within_max_draft_is_accepted_for_short_generations() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A config that uses fewer layers than the checkpoint holds is refused, naming the flag that
+/// loads it anyway.
+#[test]
+fn a_config_that_leaves_tensors_unused_is_refused() {
+    let dir = tmpdir("unused").join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(fixture()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap();
+    cfg["num_hidden_layers"] = (layers - 1).into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let d = dir.to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        d,
+        "--prompt",
+        "w5 w6",
+        "--max-new-tokens",
+        "2",
+    ];
+    assert_clean_error(&run(&args), "--allow-unused-tensors");
+    let ok = run(&[&args[..], &["--allow-unused-tensors"]].concat());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
     );
 }

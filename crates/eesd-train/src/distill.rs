@@ -570,7 +570,9 @@ pub fn run(a: &DistillArgs) -> Result<serde_json::Value> {
             .with_context(|| format!("--eval-only needs a checkpoint in {}", ckpt.display()))?;
         head.cast_lm_head(Kind::Float); // as in training
         let e = evaluate(base, &head, head.spec.exit_layer, &eval_rows, a);
-        println!("{}", serde_json::to_string_pretty(&e)?);
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", serde_json::to_string_pretty(&e)?)?;
+        out.flush()?;
         if let Some(dir) = &a.export {
             // A head trained elsewhere (scripts/head_levers.py) ships with the metrics this
             // evaluation writes, as a trained one does: the decoder's Thompson prior reads them.

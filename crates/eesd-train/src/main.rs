@@ -147,6 +147,10 @@ fn main() {
         } => run_recipe(&config, skip_gen, gen_only),
     };
     if let Err(e) = result {
+        // A reader that closed stdout (`| head`) ends the command quietly.
+        if eesd_core::error::is_closed_pipe(e.chain()) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
