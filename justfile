@@ -98,6 +98,13 @@ bench-decode rounds="3" prompts="4" tokens="64" llama="": build
 bench-kernels: build
     {{bin}} bench-kernels --json-out results/bench_kernels.json
 
+# Fuzz every parser a user's file reaches (head.json, config.json, recipes, prompt files, parquet),
+# each for `seconds`, from the committed seeds (fuzz/seeds); needs the nightly toolchain, installs
+# cargo-fuzz once. Not part of `just test`.
+fuzz seconds="600": setup
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
+    for t in head_json config_json recipe_toml prompt_jsonl parquet; do mkdir -p fuzz/corpus/$t; cargo +nightly fuzz run --sanitizer none --release $t fuzz/corpus/$t fuzz/seeds/$t -- -max_total_time={{seconds}} -rss_limit_mb=4096 2>&1 | tail -n 20; done
+
 # Regenerate the committed references (tiny golden models; transformers' greedy ids on the real model).
 references: setup
     python scripts/make_golden.py

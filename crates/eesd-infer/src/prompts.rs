@@ -17,8 +17,13 @@ pub struct Prompt {
 pub fn read_prompt_file(path: &Path) -> Result<Vec<Prompt>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read prompt file {}", path.display()))?;
+    parse_prompts(&text, path)
+}
+
+/// [`read_prompt_file`] over the file's text (`path` names it in errors).
+pub fn parse_prompts(text: &str, path: &Path) -> Result<Vec<Prompt>> {
     // A UTF-8 byte-order mark (editors on Windows write one) is not part of the first line.
-    let text = text.strip_prefix('\u{FEFF}').unwrap_or(&text);
+    let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
