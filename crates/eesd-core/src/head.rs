@@ -330,40 +330,6 @@ impl EarlyExitHead {
                 }
             )));
         }
-        // The weights record the exit layer they were trained at (heads saved before that
-        // carry no record): an edited head.json must not run them on another layer.
-        if w.contains("exit_layer") {
-            let trained = w.get_exact("exit_layer", &[1])?.int64_value(&[0]);
-            if trained != spec.exit_layer as i64 {
-                return Err(Error::Input(format!(
-                    "{}: head.json says exit layer N = {}, but head.safetensors was trained at N = {trained}",
-                    dir.display(),
-                    spec.exit_layer
-                )));
-            }
-        }
-        // Tensors the spec does not account for (an edited layer count, a dropped final-state
-        // input) mean head.json and the weights disagree.
-        let unused = w.unused();
-        if !unused.is_empty() {
-            return Err(Error::Input(format!(
-                "{}: head.safetensors holds tensors head.json does not describe ({}): the head \
-                 has {} layer(s){} by its head.json",
-                dir.display(),
-                unused
-                    .iter()
-                    .take(3)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                spec.head_layers,
-                if spec.final_state_input {
-                    " and a final-state input"
-                } else {
-                    ""
-                }
-            )));
-        }
         let mut head = EarlyExitHead {
             spec,
             layers,
