@@ -239,6 +239,19 @@ fn load(args: &ModelArgs) -> Result<Pretrained> {
     Ok(p)
 }
 
+/// Refuses a `--head` that is no head folder before the (slow) model load.
+fn check_head_dir(dir: &Option<PathBuf>) -> Result<()> {
+    if let Some(d) = dir {
+        if !d.join("head.json").is_file() || !d.join("head.safetensors").is_file() {
+            bail!(
+                "--head {}: expected a head folder holding head.json and head.safetensors",
+                d.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn load_head(p: &Pretrained, dir: &Option<PathBuf>) -> Result<Option<EarlyExitHead>> {
     let Some(dir) = dir else { return Ok(None) };
     let head = EarlyExitHead::load(dir, &p.model, &p.fingerprint)
@@ -298,6 +311,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     // Refuse a bad controller before the (slow) model load.
     controller::build(&name, a.spec.head.is_some(), None, a.spec.max_draft, 0)?;
     let kernels = kernels(&a.model)?;
+    check_head_dir(&a.spec.head)?;
     let p = load(&a.model)?;
     let head = load_head(&p, &a.spec.head)?;
     let mut ctrl = controller::build(
@@ -427,6 +441,7 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         bail!("bench compares controllers that draft: give --head DIR");
     };
     let kernels = kernels(&a.model)?;
+    check_head_dir(&a.spec.head)?;
     prepare_out(&a.out, a.force)?;
     let p = load(&a.model)?;
     let head = load_head(&p, &a.spec.head)?.context("head given")?;

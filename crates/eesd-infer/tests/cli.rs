@@ -707,3 +707,24 @@ fn a_config_that_leaves_tensors_unused_is_refused() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+/// A `--head` that is no head folder is refused before the model loads (the message comes
+/// without the model's load line on stderr).
+#[test]
+fn a_missing_head_is_refused_before_the_model_loads() {
+    let m = model();
+    let out = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "w5",
+        "--head",
+        "/nonexistent/head",
+    ]);
+    assert_clean_error(&out, "expected a head folder holding head.json");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("layers, hidden"),
+        "the model was loaded first"
+    );
+}
