@@ -11,7 +11,7 @@ pub mod sequence;
 pub use backend::{Backend, Cache, DecodeGuard, Drafted, ModelSpec, Rows};
 pub use sequence::{GenerateOptions, Generation, Sequence, StopReason};
 
-use crate::controller::{Controller, DEFAULT_MAX_DRAFT};
+use crate::controller::Controller;
 use crate::cost::CostTracker;
 use eesd_core::Result;
 use std::time::Instant;
@@ -41,11 +41,6 @@ impl<B: Backend> Engine<B> {
             costs: CostTracker::new(max_draft),
             check_invariants: cfg!(debug_assertions),
         }
-    }
-
-    /// [`Engine::new`] with the CLI's default draft limit.
-    pub fn with_default_draft(backend: B) -> Self {
-        Self::new(backend, DEFAULT_MAX_DRAFT)
     }
 
     /// Checks a prompt before any work: not empty, inside the vocabulary, room for one token.
@@ -144,16 +139,9 @@ impl<B: Backend> Engine<B> {
             seqs.push(self.start(r.prompt, &r.opts, r.controller)?.ok_or(len));
         }
         let _threads = self.backend.decode_threads();
-        loop {
-            let mut running: Vec<&mut Sequence<B>> = seqs
-                .iter_mut()
-                .filter_map(|s| s.as_mut().ok())
-                .filter(|s| s.stop.is_none())
-                .collect();
-            if running.is_empty() {
-                break;
-            }
-            round::run(self, &mut running)?;
+        while seqs.iter().flatten().any(|s| s.stop.is_none()) {
+            let mut all: Vec<&mut Sequence<B>> = seqs.iter_mut().flatten().collect();
+            self.step(&mut all)?;
         }
         self.backend.synchronize();
         Ok(seqs
