@@ -327,6 +327,15 @@ pub mod kernels {
     use eesd_core::native::{self, Ctx, Linear, NativeModel};
     use tch::{Device, Kind, Tensor};
 
+    /// The native kernels' weight dtype for a torch kind.
+    pub fn wkind(kind: Kind) -> native::matmul::WKind {
+        match kind {
+            Kind::BFloat16 => native::matmul::WKind::Bf16,
+            Kind::Half => native::matmul::WKind::F16,
+            _ => native::matmul::WKind::F32,
+        }
+    }
+
     /// Seconds of one pass of every weight product of `native`'s model over `m` rows.
     pub fn native_pass(native: &NativeModel, m: usize, reps: usize) -> f64 {
         let mats: Vec<&Linear> = native.linears().collect();
@@ -411,6 +420,16 @@ pub mod kernels {
             // Built once per dtype: on AMX CPUs it holds a packed copy of every weight.
             let native = NativeModel::new(&model).expect("cpu weights");
             let floor = bw / (params * kind.elt_size_in_bytes() as f64);
+            let peak = native::matmul::peak_multiply_adds(ctx.pool, ctx.isa, wkind(kind));
+            // The roofline of a pass of m rows: the weight stream or the rows' arithmetic at
+            // the measured peak, whichever is longer.
+            let roof = |m: usize| (1.0 / floor).max(m as f64 * params / peak.max(1.0));
+            eprintln!(
+                "{kind:?}: multiply-add peak {:.1} G/s ({} threads); roofline 1 row {:.2} ms",
+                peak / 1e9,
+                ctx.pool.threads(),
+                roof(1) * 1e3
+            );
             let mut per_rows = Vec::new();
             // Interleaved: every row count and contender takes a turn in each round (3 passes,
             // their median), and the rounds' medians are reported, so a ratio between row counts
@@ -431,10 +450,12 @@ pub mod kernels {
                     one = (nat, tor, dec);
                 }
                 eprintln!(
-                    "{kind:?} {m:>2} rows: native {:6.2} ms (x{:.2} of 1 row), torch {:6.2} ms (x{:.2}), \
-                     decode pass at {context} {:6.2} ms (x{:.2})",
+                    "{kind:?} {m:>2} rows: native {:6.2} ms (x{:.2} of 1 row; roofline x{:.2}, \
+                     {:.0}% of it), torch {:6.2} ms (x{:.2}), decode pass at {context} {:6.2} ms (x{:.2})",
                     nat * 1e3,
                     nat / one.0.max(1e-12),
+                    roof(m) / roof(1),
+                    100.0 * roof(m) / nat,
                     tor * 1e3,
                     tor / one.1.max(1e-12),
                     dec * 1e3,
@@ -442,6 +463,7 @@ pub mod kernels {
                 );
                 per_rows.push(serde_json::json!({
                     "rows": m, "native_ms": nat * 1e3, "torch_ms": tor * 1e3,
+                    "roofline_ms": roof(m) * 1e3,
                     "decode_pass_ms": dec * 1e3,
                 }));
             }
@@ -451,6 +473,7 @@ pub mod kernels {
             );
             out.push(serde_json::json!({
                 "dtype": format!("{kind:?}"), "floor_tokens_per_s": floor, "passes": per_rows,
+                "peak_multiply_adds_per_s": peak,
             }));
         }
         serde_json::json!({

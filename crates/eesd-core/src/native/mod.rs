@@ -15,6 +15,7 @@
 //! Only batch 1 (one sequence, T rows = T positions) and CPU tensors are handled; CUDA and
 //! training keep the torch path.
 
+pub mod aligned;
 pub mod matmul;
 pub mod pool;
 pub mod simd;
@@ -24,6 +25,7 @@ use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::head::EarlyExitHead;
 use crate::model::{DecoderLayer, Llama, RmsNorm};
+use aligned::Aligned;
 use matmul::{matmul, Isa, WKind, WeightView};
 use pool::{Pool, SendPtr};
 use std::ops::Range;
@@ -287,7 +289,7 @@ fn attention(
         if tid >= threads {
             return;
         }
-        let mut qh = vec![0f32; t * hd];
+        let mut qh = Aligned::<f32>::zeroed(t * hd);
         let mut scores = vec![0f32; t * total];
         let mut sums = vec![0f32; t];
         let mut oh = vec![0f32; t * hd];
@@ -386,13 +388,14 @@ impl Stack {
         let t: usize = segs.iter().map(|s| s.rows).sum();
         debug_assert_eq!(x.len(), t * h);
         let qkv_w = (nh + 2 * nkv) * hd;
-        let mut xn = vec![0f32; t * h];
+        // Aligned, so the products read their rows without copies (see [`aligned`]).
+        let mut xn = Aligned::<f32>::zeroed(t * h);
         let mut qkv = vec![0f32; t * qkv_w];
         let mut q = vec![0f32; t * nh * hd];
-        let mut attn = vec![0f32; t * nh * hd];
+        let mut attn = Aligned::<f32>::zeroed(t * nh * hd);
         let mut proj = vec![0f32; t * h];
         let mut gu = vec![0f32; t * 2 * d.intermediate];
-        let mut act = vec![0f32; t * d.intermediate];
+        let mut act = Aligned::<f32>::zeroed(t * d.intermediate);
         for (j, layer) in self.layers[range].iter().enumerate() {
             // Attention block: weight products over all rows, attention per segment.
             rms_norm(x, &layer.in_norm, d.eps, &mut xn);
@@ -488,14 +491,14 @@ impl OutputHead {
     /// [`Self::logits`] and the normed rows `[t, hidden]` the LM head read (what a head with
     /// the final-state input reads for the next position).
     pub fn logits_and_normed(&self, ctx: &Ctx, x: &[f32], t: usize) -> (Tensor, Vec<f32>) {
-        let mut xn = vec![0f32; x.len()];
+        let mut xn = Aligned::<f32>::zeroed(x.len());
         rms_norm(x, &self.norm, self.eps, &mut xn);
         let v = self.lm_head.out_features();
         let out = Tensor::empty([t as i64, v as i64], (Kind::Float, Device::Cpu));
         // SAFETY: a fresh contiguous f32 CPU tensor of t * v elements, written only here.
         let buf = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, t * v) };
         self.lm_head.forward(ctx, &xn, t, buf);
-        (out, xn)
+        (out, xn.to_vec())
     }
 }
 

@@ -25,6 +25,7 @@
 //!
 //! Weights stay in the checkpoint's dtype and are read in place.
 
+use super::aligned::Aligned;
 use super::pool::{split, Pool, SendPtr};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,25 +281,54 @@ pub fn dot_scalar(w: &WeightView, j: usize, x: &[f32]) -> f32 {
     tree16(&acc)
 }
 
-/// Rows of `x` prepared once per product for the kernels: as given (f32 / f16 weights), or
-/// rounded to bf16 and zero-padded to chunks of 32 (bf16 weights), plus for the AVX2 bf16
-/// path the same values widened to f32 as [odd elements, even elements] per chunk.
+/// Rows of `x` prepared once per product for the kernels, each buffer 64-byte aligned
+/// ([`Aligned`]): as given when already aligned (f32 / f16 weights; otherwise copied), or
+/// rounded to bf16 and zero-padded to chunks of 32 (bf16 weights), plus for the bf16 emulation
+/// (AVX2, AVX-512 without BF16) the same values widened to f32 as [odd elements, even
+/// elements] per chunk.
 struct Prepared<'a> {
-    x: &'a [f32],
-    bf16: Vec<u16>,
-    split: Vec<f32>,
+    x: Rows<'a>,
+    bf16: Aligned<u16>,
+    split: Aligned<f32>,
     /// AMX B tiles: per group of 16 rows and chunk of 32, `[16 pairs][16 rows]` u32 pairs.
-    tiles: Vec<u32>,
+    tiles: Aligned<u32>,
     /// Row stride of `bf16` (k rounded up to 32); `split` has the same stride.
     kp: usize,
+}
+
+/// The f32 rows a kernel reads: the caller's, or an aligned copy of them.
+enum Rows<'a> {
+    Borrowed(&'a [f32]),
+    Copied(Aligned<f32>),
+}
+
+impl Rows<'_> {
+    fn get(&self) -> &[f32] {
+        match self {
+            Rows::Borrowed(x) => x,
+            Rows::Copied(x) => x,
+        }
+    }
 }
 
 impl<'a> Prepared<'a> {
     fn new(isa: Isa, x: &'a [f32], m: usize, w: &WeightView) -> Self {
         let (k, kp) = (w.k, w.k.div_ceil(32) * 32);
-        let (mut bf16, mut split) = (Vec::new(), Vec::new());
-        if w.kind == WKind::Bf16 && isa != Isa::Scalar {
-            bf16 = vec![0u16; m * kp];
+        let bf16_weights = w.kind == WKind::Bf16 && isa != Isa::Scalar;
+        // Rows of a multiple of 16 floats all start a line once the first does; other widths
+        // (no LLaMA has one) are read as they are.
+        let copy = !bf16_weights
+            && isa != Isa::Scalar
+            && k.is_multiple_of(16)
+            && !(x.as_ptr() as usize).is_multiple_of(64);
+        let rows = if copy {
+            Rows::Copied(Aligned::from_slice(x))
+        } else {
+            Rows::Borrowed(x)
+        };
+        let (mut bf16, mut split) = (Aligned::zeroed(0), Aligned::zeroed(0));
+        if bf16_weights {
+            bf16 = Aligned::zeroed(m * kp);
             for r in 0..m {
                 let (dst, src) = (&mut bf16[r * kp..r * kp + k], &x[r * k..(r + 1) * k]);
                 #[cfg(target_arch = "x86_64")]
@@ -312,7 +342,7 @@ impl<'a> Prepared<'a> {
                 }
             }
             if isa == Isa::Avx2 || isa == Isa::Avx512 {
-                split = vec![0f32; m * kp];
+                split = Aligned::zeroed(m * kp);
                 for r in 0..m {
                     for c in 0..kp / 32 {
                         let src = &bf16[r * kp + 32 * c..][..32];
@@ -325,10 +355,10 @@ impl<'a> Prepared<'a> {
                 }
             }
         }
-        let mut tiles = Vec::new();
+        let mut tiles = Aligned::zeroed(0);
         if w.kind == WKind::Bf16 && isa == Isa::Amx {
             let chunks = kp / 32;
-            tiles = vec![0u32; m.div_ceil(16) * chunks * 256];
+            tiles = Aligned::zeroed(m.div_ceil(16) * chunks * 256);
             for r in 0..m {
                 let (g, rr) = (r / 16, r % 16);
                 for c in 0..chunks {
@@ -341,7 +371,7 @@ impl<'a> Prepared<'a> {
             }
         }
         Prepared {
-            x,
+            x: rows,
             bf16,
             split,
             tiles,
@@ -388,6 +418,12 @@ pub fn matmul_single(isa: Isa, x: &[f32], m: usize, w: &WeightView, y: &mut [f32
     unsafe { run_range(isa, &prep, m, w, SendPtr(y.as_mut_ptr()), 0..w.n) };
 }
 
+/// Rows per pass over a thread's weights: a prompt's rows are taken in tiles of this many, so
+/// a tile's prepared activations (at most a few hundred KB) stay in L2 while each block of
+/// weights is read from L1 by all of them. A multiple of 16 (the AMX row groups). The tiling
+/// only orders the work: every element is still the one definition of the module doc.
+const ROW_TILE: usize = 64;
+
 /// # Safety
 /// `y` must be `[m, w.n]` and no other thread may write columns `cols` meanwhile.
 unsafe fn run_range(
@@ -398,15 +434,55 @@ unsafe fn run_range(
     y: SendPtr,
     cols: std::ops::Range<usize>,
 ) {
+    let mut r0 = 0;
+    while r0 < m {
+        let rows = ROW_TILE.min(m - r0);
+        let views = TileView {
+            x: &p.x.get()[r0 * w.k..],
+            bf16: p.bf16.get(r0 * p.kp..).unwrap_or(&[]),
+            split: p.split.get(r0 * p.kp..).unwrap_or(&[]),
+            tiles: p.tiles.get(r0 / 16 * (p.kp / 32) * 256..).unwrap_or(&[]),
+            kp: p.kp,
+        };
+        run_tile(
+            isa,
+            &views,
+            rows,
+            w,
+            SendPtr(y.0.add(r0 * w.n)),
+            cols.clone(),
+        );
+        r0 += rows;
+    }
+}
+
+/// One tile of rows of a [`Prepared`] (slices from the tile's first row).
+struct TileView<'a> {
+    x: &'a [f32],
+    bf16: &'a [u16],
+    split: &'a [f32],
+    tiles: &'a [u32],
+    kp: usize,
+}
+
+/// # Safety
+/// As [`run_range`], for the tile's `m` rows.
+unsafe fn run_tile(
+    isa: Isa,
+    p: &TileView,
+    m: usize,
+    w: &WeightView,
+    y: SendPtr,
+    cols: std::ops::Range<usize>,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         let bf16 = w.kind == WKind::Bf16;
         match isa {
-            Isa::Amx if bf16 => return x86::range_amx(&p.tiles, &p.bf16, p.kp, m, w, y.0, cols),
-            Isa::Avx512Bf16 if bf16 => return x86::range_dp512(&p.bf16, p.kp, m, w, y.0, cols),
-            Isa::Avx512 | Isa::Avx2 if bf16 => {
-                return x86::range_dp256(&p.split, p.kp, m, w, y.0, cols)
-            }
+            Isa::Amx if bf16 => return x86::range_amx(p.tiles, p.bf16, p.kp, m, w, y.0, cols),
+            Isa::Avx512Bf16 if bf16 => return x86::range_dp512(p.bf16, p.kp, m, w, y.0, cols),
+            Isa::Avx512 if bf16 => return x86::range_em512(p.split, p.kp, m, w, y.0, cols),
+            Isa::Avx2 if bf16 => return x86::range_dp256(p.split, p.kp, m, w, y.0, cols),
             Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512 => {
                 return x86::range_avx512(p.x, m, w, y.0, cols)
             }
@@ -418,6 +494,44 @@ unsafe fn run_range(
         for r in 0..m {
             *y.0.add(r * w.n + j) = dot_scalar(w, j, &p.x[r * w.k..(r + 1) * w.k]);
         }
+    }
+}
+
+/// The measured multiply-add peak of this CPU for products with `kind` weights on `isa`, in
+/// multiply-adds per second over all the pool's threads: f32 FMAs (f32 and f16 weights, and
+/// bf16 weights where they are emulated), VDPBF16PS on AVX512-BF16 (and AMX, whose tile
+/// rate is not measured here). Median of `reps` timed runs of independent chains.
+pub fn peak_multiply_adds(pool: &Pool, isa: Isa, kind: WKind) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bf16_native = kind == WKind::Bf16 && matches!(isa, Isa::Avx512Bf16 | Isa::Amx);
+        let (lanes, run): (usize, unsafe fn(usize) -> f32) = match isa {
+            _ if bf16_native => (32, x86::peak::dpbf16_512),
+            Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512 => (16, x86::peak::fma_512),
+            Isa::Avx2 => (8, x86::peak::fma_256),
+            Isa::Scalar => return 0.0,
+        };
+        let iters = 400_000;
+        let sink = std::sync::atomic::AtomicU32::new(0);
+        let pass = || {
+            let t = std::time::Instant::now();
+            pool.run(&|_| {
+                // SAFETY: `isa` is available (the caller detected it).
+                let v = unsafe { run(iters) };
+                sink.fetch_xor(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
+            });
+            t.elapsed().as_secs_f64()
+        };
+        pass();
+        let mut times: Vec<f64> = (0..5).map(|_| pass()).collect();
+        times.sort_by(|a, b| a.total_cmp(b));
+        let ops = (x86::peak::per_iter(lanes) * iters * pool.threads()) as f64;
+        ops / times[times.len() / 2]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (pool, isa, kind);
+        0.0
     }
 }
 
@@ -539,6 +653,41 @@ mod tests {
                                     );
                                 }
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A prompt's worth of rows (several row tiles and a ragged last one) gives each row the
+    /// bits it gets alone, on every instruction set and weight dtype.
+    #[test]
+    fn many_rows_equal_each_row_alone() {
+        let pool = Pool::new(2);
+        let m = 2 * ROW_TILE + 7;
+        for kind in [WKind::F32, WKind::Bf16, WKind::F16] {
+            for (n, k) in [(40, 96), (33, 70)] {
+                let buf = weights(kind, n, k, (n + k) as u32);
+                let w = unsafe { WeightView::new(buf.as_ptr(), kind, n, k) };
+                let packed = (kind == WKind::Bf16 && n >= 16).then(|| AmxPacked::new(&w));
+                let x = inputs(m, k);
+                for isa in Isa::all_available() {
+                    let wv = match (&packed, isa) {
+                        (Some(p), Isa::Amx) => unsafe { w.with_packed(p) },
+                        _ => w,
+                    };
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul(&pool, isa, &x, m, &wv, &mut y);
+                    for r in 0..m {
+                        let mut alone = vec![0f32; n];
+                        matmul(&pool, isa, &x[r * k..(r + 1) * k], 1, &wv, &mut alone);
+                        for j in 0..n {
+                            assert_eq!(
+                                y[r * n + j].to_bits(),
+                                alone[j].to_bits(),
+                                "{kind:?} {isa:?} n={n} k={k} row {r} col {j}"
+                            );
                         }
                     }
                 }

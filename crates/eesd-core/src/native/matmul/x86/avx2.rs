@@ -21,7 +21,7 @@ pub(super) unsafe fn load16_256<const K: u8>(row: *const u8, i: usize) -> (__m25
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
+#[inline(never)]
 pub(super) unsafe fn block_256<const K: u8, const NO: usize, const NR: usize>(
     x: &[f32],
     w: &WeightView,
@@ -37,7 +37,7 @@ pub(super) unsafe fn block_256<const K: u8, const NO: usize, const NR: usize>(
     let row0 = w.row_ptr(j);
     let stride = k * w.kind.bytes();
     let x0 = x.as_ptr().add(r0 * k);
-    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 16);
+    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 16, r0 == 0);
     let mut i = 0;
     let mut it = 0;
     while i < full {

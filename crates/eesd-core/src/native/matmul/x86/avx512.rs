@@ -124,7 +124,7 @@ pub(super) unsafe fn store_sums<const NO: usize, const NR: usize>(
 /// NO consecutive outputs from `j` times NR rows from `r0`. No closures here: they would
 /// not inherit the target features, and every intrinsic would become a call.
 #[target_feature(enable = "avx512f")]
-#[inline]
+#[inline(never)]
 pub(super) unsafe fn block_512<const K: u8, const NO: usize, const NR: usize>(
     x: &[f32],
     w: &WeightView,
@@ -140,7 +140,7 @@ pub(super) unsafe fn block_512<const K: u8, const NO: usize, const NR: usize>(
     let x0 = x.as_ptr().add(r0 * k);
     // The block's NO rows are one contiguous region, but too short (a few KB) for the
     // hardware prefetcher to find: fetch the next block while this one computes.
-    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 16);
+    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 16, r0 == 0);
     let mut i = 0;
     let mut it = 0;
     while i < full {

@@ -36,7 +36,7 @@ pub(super) fn w32_tail(w: &WeightView, j: usize, i: usize) -> [u16; 32] {
 }
 
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[inline]
+#[inline(never)]
 pub(super) unsafe fn block_dp512<const NO: usize, const NR: usize>(
     xb: &[u16],
     kp: usize,
@@ -51,7 +51,7 @@ pub(super) unsafe fn block_dp512<const NO: usize, const NR: usize>(
     let row0 = w.row_ptr(j);
     let stride = k * 2;
     let x0 = xb.as_ptr().add(r0 * kp);
-    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 32);
+    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 32, r0 == 0);
     let mut i = 0;
     let mut it = 0;
     while i < full {
@@ -159,7 +159,7 @@ pub(in crate::native::matmul) unsafe fn range_dp512(
 /// widened to f32 (a mask and a shift of each 16-element load) against `xs`, the rows
 /// pre-split as [odd elements, even elements], odd first.
 #[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
+#[inline(never)]
 pub(super) unsafe fn block_dp256<const NO: usize, const NR: usize>(
     xs: &[f32],
     kp: usize,
@@ -177,7 +177,7 @@ pub(super) unsafe fn block_dp256<const NO: usize, const NR: usize>(
     let stride = k * 2;
     let x0 = xs.as_ptr().add(r0 * kp);
     let mask = _mm256_set1_epi32(0xffff_0000u32 as i32);
-    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 32);
+    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 32, r0 == 0);
     let chunks = k.div_ceil(32);
     for c in 0..chunks {
         if c * 32 < full {
@@ -247,6 +247,141 @@ pub(in crate::native::matmul) unsafe fn range_dp256(
         for r in 0..m {
             block_dp256::<1, 1>(xs, kp, w, j, r, y);
         }
+        j += 1;
+    }
+}
+
+/// The bf16 definition on AVX-512 without AVX512-BF16: one 32-element load per weight row and
+/// chunk, its odd elements (a mask) and even elements (a shift) widened to 16 f32 lanes, against
+/// `xs` pre-split as [odd elements, even elements]; odd first, as VDPBF16PS. Half the
+/// instructions of the AVX2 kernel per lane, and the widened weights serve `NR` rows.
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn block_em512<const NO: usize, const NR: usize>(
+    xs: &[f32],
+    kp: usize,
+    w: &WeightView,
+    j: usize,
+    r0: usize,
+    y: *mut f32,
+) {
+    let k = w.k;
+    let full = k / 32 * 32;
+    let mut acc = [[_mm512_setzero_ps(); NR]; NO];
+    let row0 = w.row_ptr(j);
+    let stride = k * 2;
+    let x0 = xs.as_ptr().add(r0 * kp);
+    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 32, r0 == 0);
+    let mut i = 0;
+    let mut it = 0;
+    // The full chunks in a loop of their own: with the tail's copies inside it, the loop
+    // kept its accumulators in memory and ran at a third of the FMA rate.
+    while i < full {
+        for l in 0..pf_lines {
+            _mm_prefetch::<_MM_HINT_T0>(pf.add((it * pf_lines + l) * 64) as *const i8);
+        }
+        it += 1;
+        let mut wv = [_mm512_setzero_si512(); NO];
+        for (o, v) in wv.iter_mut().enumerate() {
+            *v = _mm512_loadu_si512(row0.add(o * stride + 2 * i) as *const __m512i);
+        }
+        em512_chunk(&mut acc, &wv, x0.add(i), kp);
+        i += 32;
+    }
+    if full < k {
+        let mut wv = [_mm512_setzero_si512(); NO];
+        for (o, v) in wv.iter_mut().enumerate() {
+            let t = w32_tail(w, j + o, full);
+            *v = _mm512_loadu_si512(t.as_ptr() as *const __m512i);
+        }
+        em512_chunk(&mut acc, &wv, x0.add(full), kp);
+    }
+    store_sums(&acc, y, w.n, r0, j);
+}
+
+/// One chunk of 32 of [`block_em512`]: `wv[o]` holds output o's 32 bf16 weights, `xr` the
+/// first row's split chunk (the next rows `kp` apart).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn em512_chunk<const NO: usize, const NR: usize>(
+    acc: &mut [[__m512; NR]; NO],
+    wv: &[__m512i; NO],
+    xr: *const f32,
+    kp: usize,
+) {
+    let mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let mut wo = [_mm512_setzero_ps(); NO];
+    let mut we = [_mm512_setzero_ps(); NO];
+    for o in 0..NO {
+        wo[o] = _mm512_castsi512_ps(_mm512_and_si512(wv[o], mask));
+        we[o] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wv[o]));
+    }
+    for r in 0..NR {
+        let (xo, xe) = (
+            _mm512_loadu_ps(xr.add(r * kp)),
+            _mm512_loadu_ps(xr.add(r * kp + 16)),
+        );
+        for o in 0..NO {
+            acc[o][r] = _mm512_fmadd_ps(wo[o], xo, acc[o][r]);
+            acc[o][r] = _mm512_fmadd_ps(we[o], xe, acc[o][r]);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn rows_em512<const NO: usize>(
+    xs: &[f32],
+    kp: usize,
+    m: usize,
+    w: &WeightView,
+    j: usize,
+    y: *mut f32,
+) {
+    let mut r = 0;
+    while r + 4 <= m {
+        block_em512::<NO, 4>(xs, kp, w, j, r, y);
+        r += 4;
+    }
+    match m - r {
+        3 => block_em512::<NO, 3>(xs, kp, w, j, r, y),
+        2 => block_em512::<NO, 2>(xs, kp, w, j, r, y),
+        1 => block_em512::<NO, 1>(xs, kp, w, j, r, y),
+        _ => {}
+    }
+}
+
+/// bf16 weights on AVX-512F without AVX512-BF16; `xs` as for [`range_dp256`].
+#[target_feature(enable = "avx512f")]
+pub(in crate::native::matmul) unsafe fn range_em512(
+    xs: &[f32],
+    kp: usize,
+    m: usize,
+    w: &WeightView,
+    y: *mut f32,
+    cols: std::ops::Range<usize>,
+) {
+    let mut j = cols.start;
+    if w.k <= SHORT_K {
+        while j + 16 <= cols.end {
+            for r in 0..m {
+                block_em512::<16, 1>(xs, kp, w, j, r, y);
+            }
+            j += 16;
+        }
+    }
+    if m == 1 {
+        while j + 8 <= cols.end {
+            block_em512::<8, 1>(xs, kp, w, j, 0, y);
+            j += 8;
+        }
+    }
+    while j + 4 <= cols.end {
+        rows_em512::<4>(xs, kp, m, w, j, y);
+        j += 4;
+    }
+    while j < cols.end {
+        rows_em512::<1>(xs, kp, m, w, j, y);
         j += 1;
     }
 }

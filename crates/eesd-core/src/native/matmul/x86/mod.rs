@@ -9,6 +9,7 @@ mod amx;
 mod avx2;
 mod avx512;
 mod bf16;
+pub(super) mod peak;
 
 // The AVX-512 family's lane trees and loads serve the others too.
 use {avx512::*, bf16::*};
@@ -16,7 +17,7 @@ use {avx512::*, bf16::*};
 pub(super) use amx::{amx_ready, range_amx};
 pub(super) use avx2::range_avx2;
 pub(super) use avx512::range_avx512;
-pub(super) use bf16::{range_dp256, range_dp512, to_bf16_avx512};
+pub(super) use bf16::{range_dp256, range_dp512, range_em512, to_bf16_avx512};
 
 pub(super) use super::{WKind, WeightView};
 pub(super) use std::arch::asm;
@@ -40,10 +41,17 @@ pub(super) fn tail_x(x: &[f32], i: usize) -> [f32; 16] {
 
 /// Where to prefetch while a block of `bytes` bytes from `row0` is computed in `iters`
 /// iterations: the next block, spread evenly (cache lines per iteration). Prefetching past
-/// the end of the matrix is harmless (prefetches never fault).
+/// the end of the matrix is harmless (prefetches never fault). Only the `first` block of rows
+/// over these weights prefetches: the later ones would issue the same prefetches again, and
+/// with many rows they took a third of the load slots for lines already in L1.
 #[inline]
-pub(super) fn prefetch_plan(row0: *const u8, bytes: usize, iters: usize) -> (*const u8, usize) {
-    let lines = bytes.div_ceil(64);
+pub(super) fn prefetch_plan(
+    row0: *const u8,
+    bytes: usize,
+    iters: usize,
+    first: bool,
+) -> (*const u8, usize) {
+    let lines = if first { bytes.div_ceil(64) } else { 0 };
     (row0.wrapping_add(bytes), lines.div_ceil(iters.max(1)))
 }
 
