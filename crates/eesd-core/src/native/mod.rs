@@ -482,6 +482,14 @@ impl OutputHead {
         })
     }
 
+    /// The final norm of each row of `x` `[t, hidden]` (what the LM head reads), without the
+    /// LM head: the base's final states that a head with the final-state input reads.
+    pub fn norm_rows(&self, x: &[f32]) -> Vec<f32> {
+        let mut xn = vec![0f32; x.len()];
+        rms_norm(x, &self.norm, self.eps, &mut xn);
+        xn
+    }
+
     /// Logits of `x` `[t, hidden]` as a `[t, out]` f32 tensor, written in place by the kernel
     /// (no copy of the few MB of logits a verify produces).
     pub fn logits(&self, ctx: &Ctx, x: &[f32], t: usize) -> Tensor {
@@ -567,6 +575,11 @@ impl NativeModel {
         self.output.logits(&self.ctx, x, t)
     }
 
+    /// The final states after the norm `[t, hidden]` of `x`, without the LM head.
+    pub fn final_norm(&self, x: &[f32]) -> Vec<f32> {
+        self.output.norm_rows(x)
+    }
+
     /// [`Self::logits`] and the final states after the norm `[t, hidden]`.
     pub fn logits_and_normed(&self, x: &[f32], t: usize) -> (Tensor, Vec<f32>) {
         self.output.logits_and_normed(&self.ctx, x, t)
@@ -635,6 +648,35 @@ impl NativeHead {
         segs: &mut [Segment],
         prev: &[Option<&[f32]>],
     ) -> Result<Vec<(Tensor, Vec<f32>)>> {
+        self.layers_batch(model, x, segs, prev)?;
+        let h = self.stack.dims.hidden;
+        // The last row of each segment, through the norm and the LM head together.
+        let mut last = Vec::with_capacity(segs.len() * h);
+        let mut end = 0;
+        for seg in segs.iter() {
+            end += seg.rows;
+            last.extend_from_slice(&x[(end - 1) * h..end * h]);
+        }
+        let (logits, normed) = self.output.logits_and_normed(&model.ctx, &last, segs.len());
+        Ok((0..segs.len())
+            .map(|s| {
+                (
+                    logits.narrow(0, s as i64, 1),
+                    normed[s * h..(s + 1) * h].to_vec(),
+                )
+            })
+            .collect())
+    }
+
+    /// The head's input (plus the projected final states of `prev`) through its layers,
+    /// filling each segment's head cache; `x` ends as the head layers' output.
+    pub fn layers_batch(
+        &self,
+        model: &NativeModel,
+        x: &mut [f32],
+        segs: &mut [Segment],
+        prev: &[Option<&[f32]>],
+    ) -> Result<()> {
         let h = self.stack.dims.hidden;
         if let Some((w, eps, proj)) = &self.final_state {
             let mut first = 0;
@@ -654,23 +696,7 @@ impl NativeHead {
         }
         let layers = self.stack.layers.len();
         self.stack
-            .forward_batch(&model.ctx, &model.rope, x, segs, 0..layers)?;
-        // The last row of each segment, through the norm and the LM head together.
-        let mut last = Vec::with_capacity(segs.len() * h);
-        let mut end = 0;
-        for seg in segs.iter() {
-            end += seg.rows;
-            last.extend_from_slice(&x[(end - 1) * h..end * h]);
-        }
-        let (logits, normed) = self.output.logits_and_normed(&model.ctx, &last, segs.len());
-        Ok((0..segs.len())
-            .map(|s| {
-                (
-                    logits.narrow(0, s as i64, 1),
-                    normed[s * h..(s + 1) * h].to_vec(),
-                )
-            })
-            .collect())
+            .forward_batch(&model.ctx, &model.rope, x, segs, 0..layers)
     }
 }
 

@@ -12,7 +12,7 @@ use eesd_core::model::Llama;
 use eesd_core::native::{NativeHead, NativeModel, Segment};
 use eesd_core::sampling::SamplingParams;
 use eesd_core::{Error, Result};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 /// Hidden states of one sequence: `rows` rows of `hidden` f32 values.
 #[derive(Debug, Clone)]
@@ -52,11 +52,19 @@ impl Rows for NativeRows {
     }
 }
 
+/// Prompt rows per prefill pass by default: long enough that each weight block serves many
+/// rows, short enough that a pass's buffers (attention scores of every row over the whole
+/// cache among them) stay a few MB, and that a server can put other sequences' decode rows
+/// between a long prompt's chunks.
+pub const DEFAULT_PREFILL_CHUNK: usize = 128;
+
 /// The base model split at the exit layer, and its head, on the native kernels.
 pub struct NativeBackend<'a> {
     torch: TorchModel<'a>,
     model: NativeModel,
     head: Option<NativeHead>,
+    /// Prompt rows per prefill pass (the results do not depend on it).
+    pub prefill_chunk: usize,
 }
 
 impl<'a> NativeBackend<'a> {
@@ -66,6 +74,7 @@ impl<'a> NativeBackend<'a> {
             torch: TorchModel::new(base, head),
             model: NativeModel::new(base)?,
             head: head.map(|h| NativeHead::new(h, base)).transpose()?,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         })
     }
 
@@ -125,19 +134,58 @@ impl Backend for NativeBackend<'_> {
         (b.new_cache(1, capacity), head_cache)
     }
 
+    /// The prompt through the native kernels in chunks of at most [`Self::prefill_chunk`]
+    /// rows: memory stays flat for long prompts, and every prompt position gets the bits a
+    /// decode row at that position would (a row's result does not depend on the rows it shares
+    /// a pass with), so the cache and the first token are the same whatever the chunk size.
     fn prefill(
         &self,
         prompt: &[u32],
         cache: &mut KvCache,
-        head_cache: Option<&mut KvCache>,
+        mut head_cache: Option<&mut KvCache>,
     ) -> Result<(Tensor, NativeRows)> {
-        let (logits, last) = self.torch.prefill(prompt, cache, head_cache);
-        let flat = last
-            .to_kind(Kind::Float)
-            .reshape([-1])
-            .to_device(Device::Cpu);
-        let data = Vec::<f32>::try_from(flat)?;
-        Ok((logits, NativeRows { data, rows: 1 }))
+        if prompt.is_empty() {
+            return Err(Error::Input(
+                "an empty prompt has nothing to prefill".into(),
+            ));
+        }
+        let h = self.model.hidden();
+        let (exit, layers) = (self.torch.exit_layer, self.base().num_layers());
+        let drafting = self.head.is_some() && head_cache.is_some();
+        let reads_finals = drafting && self.torch.reads_finals();
+        // The base's final state before each chunk's first row (zeros before position 0), for
+        // a head that reads the previous position's final state.
+        let mut before = vec![0f32; h];
+        let mut last = Vec::new();
+        for piece in prompt.chunks(self.prefill_chunk.max(1)) {
+            let n = piece.len();
+            let mut x = self.model.embed(piece);
+            self.model.forward_layers(&mut x, n, 0..exit, cache)?;
+            let mut lower = drafting.then(|| x.clone());
+            self.model.forward_layers(&mut x, n, exit..layers, cache)?;
+            last = x[(n - 1) * h..].to_vec();
+            if let (Some(head), Some(hc), Some(lower)) =
+                (&self.head, head_cache.as_deref_mut(), lower.as_mut())
+            {
+                let prev = reads_finals.then(|| {
+                    let finals = self.model.final_norm(&x);
+                    let mut prev = std::mem::take(&mut before);
+                    prev.extend_from_slice(&finals[..(n - 1) * h]);
+                    before = finals[(n - 1) * h..].to_vec();
+                    prev
+                });
+                let mut seg = [Segment { cache: hc, rows: n }];
+                head.layers_batch(&self.model, lower, &mut seg, &[prev.as_deref()])?;
+            }
+        }
+        let (logits, normed) = self.model.logits_and_normed(&last, 1);
+        Ok((
+            logits,
+            NativeRows {
+                data: normed,
+                rows: 1,
+            },
+        ))
     }
 
     fn token(&self, id: u32) -> u32 {
