@@ -95,6 +95,12 @@ bench-decode rounds="3" prompts="4" tokens="64" llama="": build
     python scripts/bench_decode.py --model {{model}} --rounds {{rounds}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} {{ if llama != "" { "--llama-bench " + llama } else { "" } }} --out results/bench_decode.json
 
 # Native kernels vs torch: one pass of every weight product for 1-16 rows, per dtype (verify cost).
+# Prompt tok/s and TTFT at 128/512/2048 tokens in every dtype, vs llama.cpp's pp (llama=PATH/llama-bench)
+# and the measured multiply-add peak; JSON and a plot.
+bench-prefill rounds="3" llama="": build
+    python scripts/bench_prefill.py --model {{model}} --rounds {{rounds}} {{ if llama != "" { "--llama-bench " + llama } else { "" } }} --out results/bench_prefill.json
+    python scripts/plot.py prefill results/bench_prefill.json
+
 bench-kernels: build
     {{bin}} bench-kernels --json-out results/bench_kernels.json
 

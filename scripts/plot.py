@@ -4,6 +4,8 @@ usage:
   plot.py bench results/bench.json       -> results/bench.png (speedup per controller per dataset;
                                             acceptance by draft position)
   plot.py train OUT/metrics.jsonl        -> OUT/training.png (losses, held-out agreement)
+  plot.py prefill results/bench_prefill.json -> results/bench_prefill.png (prompt tok/s by prompt
+                                            length, ours per dtype against llama.cpp)
   plot.py features LOG.json              -> LOG.png (head_levers.py train --out: loss, held-out
                                             top-1 agreement per source)
 """
@@ -91,5 +93,28 @@ def features(path):
     print(out)
 
 
+def prefill(path):
+    r = json.load(open(path))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for d in dict.fromkeys(x["dtype"] for x in r["rows"]):
+        xs = [x for x in r["rows"] if x["dtype"] == d]
+        ax.plot([x["prompt_tokens"] for x in xs], [x["prefill_tokens_per_s"] for x in xs], marker="o",
+                label=f"eesd-infer {d}")
+    for width in ("f16", "f32"):
+        pts = sorted((int(k.split()[-1]), v) for k, v in r["median_tokens_per_s"].items()
+                     if k.startswith(f"llama.cpp {width} "))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--", label=f"llama.cpp {width}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("prefill tokens/s (median)")
+    ax.set_title(r["machine"], fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    out = os.path.splitext(path)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    print(out)
+
+
 if __name__ == "__main__":
-    {"bench": bench, "train": train, "features": features}[sys.argv[1]](sys.argv[2])
+    {"bench": bench, "train": train, "features": features, "prefill": prefill}[sys.argv[1]](sys.argv[2])

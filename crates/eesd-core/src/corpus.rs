@@ -88,6 +88,7 @@ fn glob_match(pattern: &str, name: &str) -> bool {
 /// arrow-ipc (found by `just fuzz`). A panic anywhere else in the readers becomes an error
 /// naming the file.
 fn batches(path: &Path) -> Result<Vec<RecordBatch>> {
+    check_footer(path)?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let read = || -> Result<Vec<RecordBatch>> {
         let options = ArrowReaderOptions::new().with_skip_arrow_metadata(true);
@@ -103,6 +104,147 @@ fn batches(path: &Path) -> Result<Vec<RecordBatch>> {
             "not a readable parquet file (its reader failed)",
         ))
     })
+}
+
+/// Footers larger than this are refused: ours are a few KB, and the reader allocates for
+/// every element a footer declares.
+const MAX_FOOTER: u64 = 8 << 20;
+
+/// Checks the file's footer before the parquet reader sees it: the `PAR1` magic, a metadata
+/// length inside the file, and thrift metadata whose every list, set and map holds no more
+/// elements than the bytes after its header (each element takes at least one). The reader
+/// (parquet 56) reserves memory for a list's declared length before reading it: a malformed
+/// footer that `just fuzz` found declared a list of 32 GB worth of schema elements and aborted
+/// the process, which no `catch_unwind` can turn into an error.
+fn check_footer(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let bad = |why: &str| Err(perr(path, format!("not a readable parquet file ({why})")));
+    if len < 12 {
+        return bad("shorter than a parquet header and footer");
+    }
+    let mut tail = [0u8; 8];
+    f.seek(SeekFrom::End(-8))
+        .and_then(|_| f.read_exact(&mut tail))
+        .map_err(|e| Error::io(path, e))?;
+    if &tail[4..] != b"PAR1" {
+        return bad("no PAR1 magic at its end");
+    }
+    let meta_len = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
+    if meta_len + 12 > len {
+        return bad(&format!(
+            "its footer claims {meta_len} bytes of a {len}-byte file"
+        ));
+    }
+    if meta_len > MAX_FOOTER {
+        return bad(&format!("a footer of {meta_len} bytes"));
+    }
+    let mut meta = vec![0u8; meta_len as usize];
+    f.seek(SeekFrom::End(-8 - meta_len as i64))
+        .and_then(|_| f.read_exact(&mut meta))
+        .map_err(|e| Error::io(path, e))?;
+    let mut walk = Compact { b: &meta, i: 0 };
+    match walk.structure(0) {
+        Some(()) => Ok(()),
+        None => bad("malformed footer metadata"),
+    }
+}
+
+/// A walk over thrift compact-protocol bytes that checks lengths and allocates nothing.
+struct Compact<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Compact<'_> {
+    fn left(&self) -> u64 {
+        (self.b.len() - self.i) as u64
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        let v = *self.b.get(self.i)?;
+        self.i += 1;
+        Some(v)
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..70).step_by(7) {
+            let b = self.byte()?;
+            v |= ((b & 0x7f) as u64).checked_shl(shift)?;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    fn skip(&mut self, n: u64) -> Option<()> {
+        if n > self.left() {
+            return None;
+        }
+        self.i += n as usize;
+        Some(())
+    }
+
+    fn structure(&mut self, depth: usize) -> Option<()> {
+        if depth > 32 {
+            return None;
+        }
+        loop {
+            let h = self.byte()?;
+            if h == 0 {
+                return Some(());
+            }
+            if h >> 4 == 0 {
+                self.varint()?; // a long-form field id
+            }
+            match h & 0x0f {
+                1 | 2 => {} // a bool field's value is its type
+                ty => self.value(ty, depth)?,
+            }
+        }
+    }
+
+    fn value(&mut self, ty: u8, depth: usize) -> Option<()> {
+        match ty {
+            1..=3 => self.skip(1),
+            4..=6 => self.varint().map(|_| ()),
+            7 => self.skip(8),
+            8 => {
+                let n = self.varint()?;
+                self.skip(n)
+            }
+            9 | 10 => {
+                let h = self.byte()?;
+                let mut n = (h >> 4) as u64;
+                if n == 15 {
+                    n = self.varint()?;
+                }
+                if n > self.left() {
+                    return None;
+                }
+                (0..n).try_for_each(|_| self.value(h & 0x0f, depth + 1))
+            }
+            11 => {
+                let n = self.varint()?;
+                if n == 0 {
+                    return Some(());
+                }
+                let kv = self.byte()?;
+                if n > self.left() / 2 {
+                    return None;
+                }
+                (0..n).try_for_each(|_| {
+                    self.value(kv >> 4, depth + 1)?;
+                    self.value(kv & 0x0f, depth + 1)
+                })
+            }
+            12 => self.structure(depth + 1),
+            _ => None,
+        }
+    }
 }
 
 thread_local! {
@@ -319,6 +461,29 @@ mod tests {
             assert!(read_teacher(spec).is_err(), "{name}");
             assert!(read_prompts(spec, "prompt").is_err(), "{name}");
         }
+    }
+
+    /// The footer `just fuzz` found (a list declaring 32 GB of schema elements) is refused
+    /// before the reader allocates; the files our writers make still read.
+    #[test]
+    fn a_footer_declaring_more_than_it_holds_is_refused() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let e = read_prompts(
+            dir.join("malformed_oversized_list.parquet")
+                .to_str()
+                .unwrap(),
+            "prompt",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("malformed footer"), "{e}");
+        let tmp = std::env::temp_dir().join(format!("eesd-footer-{}.parquet", std::process::id()));
+        write_prompts(&tmp, &[("a", "hello"), ("b", "world")]).unwrap();
+        assert_eq!(
+            read_prompts(tmp.to_str().unwrap(), "prompt").unwrap().len(),
+            2
+        );
+        let _ = std::fs::remove_file(&tmp);
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub struct Row {
     pub dataset: String,
     pub controller: String,
     pub decode_tokens_per_s: f64,
+    /// Prompt tokens per second of prefill, and new tokens per second prefill included.
+    pub prefill_tokens_per_s: f64,
+    pub prefill_seconds: f64,
+    pub end_to_end_tokens_per_s: f64,
     pub speedup_vs_off: f64,
     /// The cost model's prediction for the same rounds (see `DecodeStats::predicted_speedup`).
     pub predicted_speedup: f64,
@@ -169,6 +173,9 @@ fn dataset_rows<B: Backend>(
             dataset: dataset.to_string(),
             controller: name.clone(),
             decode_tokens_per_s: s.decode_tokens_per_s(),
+            prefill_tokens_per_s: s.prefill_tokens_per_s(),
+            prefill_seconds: s.prefill_seconds,
+            end_to_end_tokens_per_s: s.end_to_end_tokens_per_s(),
             speedup_vs_off: off.map(|o| s.decode_tokens_per_s() / o).unwrap_or(f64::NAN),
             predicted_speedup: s.predicted_speedup(&engine.costs.costs()),
             acceptance_rate: s.acceptance_rate(),
@@ -217,14 +224,16 @@ fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The rows as a markdown table.
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| dataset | controller | decode tok/s | speedup vs off | predicted | acceptance | mean accepted length | mean draft length | mismatches |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| dataset | controller | decode tok/s | prefill tok/s | end to end tok/s | speedup vs off | predicted | acceptance | mean accepted length | mean draft length | mismatches |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {:.2}x | {:.2}x | {:.1}% | {:.2} | {:.2} | {} |\n",
+            "| {} | {} | {:.2} | {:.1} | {:.2} | {:.2}x | {:.2}x | {:.1}% | {:.2} | {:.2} | {} |\n",
             r.dataset,
             r.controller,
             r.decode_tokens_per_s,
+            r.prefill_tokens_per_s,
+            r.end_to_end_tokens_per_s,
             r.speedup_vs_off,
             r.predicted_speedup,
             100.0 * r.acceptance_rate,

@@ -16,6 +16,14 @@ fn ratio(a: usize, b: usize) -> f64 {
     }
 }
 
+fn ratio_f(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
 /// Timing and counts of one generation.
 ///
 /// Decode excludes prefill: the first new token comes out of the prefill pass, so
@@ -48,6 +56,20 @@ impl DecodeStats {
     /// generations by [`Self::merge`].
     pub fn decode_tokens(&self) -> usize {
         self.new_tokens.saturating_sub(self.generations.max(1))
+    }
+
+    /// Prompt tokens per second of prefill (the first token's wait is `prefill_seconds`).
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        ratio_f(self.prompt_tokens as f64, self.prefill_seconds)
+    }
+
+    /// New tokens per second from the start of prefill to the last token: what a user waits
+    /// for the whole answer, prompt included.
+    pub fn end_to_end_tokens_per_s(&self) -> f64 {
+        ratio_f(
+            self.new_tokens as f64,
+            self.prefill_seconds + self.decode_seconds,
+        )
     }
 
     pub fn decode_tokens_per_s(&self) -> f64 {
@@ -136,10 +158,13 @@ impl DecodeStats {
     /// The end-of-run summary line (llama.cpp style): prompt, decode rate, acceptance.
     pub fn summary(&self, name: &str) -> String {
         format!(
-            "{name}: prompt {} tok, {} new tok, decode {:.2} tok/s | rounds {}, drafted {}, accepted {}, acceptance {:.1}%, mean accepted length {:.2}, mean draft length {:.2}",
+            "{name}: prompt {} tok in {:.2} s ({:.1} tok/s), {} new tok, decode {:.2} tok/s, end to end {:.2} tok/s | rounds {}, drafted {}, accepted {}, acceptance {:.1}%, mean accepted length {:.2}, mean draft length {:.2}",
             self.prompt_tokens,
+            self.prefill_seconds,
+            self.prefill_tokens_per_s(),
             self.new_tokens,
             self.decode_tokens_per_s(),
+            self.end_to_end_tokens_per_s(),
             self.rounds,
             self.drafted,
             self.accepted,
@@ -153,6 +178,8 @@ impl DecodeStats {
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("stats serialise");
         v["decode_tokens_per_s"] = self.decode_tokens_per_s().into();
+        v["prefill_tokens_per_s"] = self.prefill_tokens_per_s().into();
+        v["end_to_end_tokens_per_s"] = self.end_to_end_tokens_per_s().into();
         v["acceptance_rate"] = self.acceptance_rate().into();
         v["mean_accepted_length"] = self.mean_accepted_length().into();
         v["mean_draft_length"] = self.mean_draft_length().into();

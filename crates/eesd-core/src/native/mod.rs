@@ -264,8 +264,8 @@ impl CacheView {
 /// Causal attention of `t` query rows at positions `offset..offset + t` over the cache's
 /// first `offset + t` positions. `q` `[t, heads * hd]` (rotated), out `[t, heads * hd]`.
 ///
-/// One task per head takes all `t` rows, so a verify reads each head's keys and values once
-/// (not once per row) and blocks its rows in registers. Each (row, head) result is still one
+/// A task takes one head and a block of rows (all `t` rows for a verify's few, so it reads
+/// each head's keys and values once, not once per row). Each (row, head) result is still one
 /// fixed order, whatever `t`: every score is its own dot product by the matmul kernel (a row
 /// alone or with others gets the same bits), then max, exponentials and their sum over the
 /// row's own `offset + i + 1` positions, then the value rows accumulated in position order
@@ -284,50 +284,66 @@ fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let total = offset + t;
     let outp = SendPtr(out.as_mut_ptr());
-    let threads = ctx.pool.threads().min(nh);
+    // Work units: (head, block of rows). A prompt's rows are cut into blocks so both threads
+    // get equal shares when the heads do not divide evenly (9 heads on 2 threads left one
+    // idle a ninth of the time), and a block reads only the keys up to its last row. A few
+    // decode rows stay one block per head, reading each head's keys once.
+    let block = if t >= 2 * ATTN_ROW_BLOCK {
+        ATTN_ROW_BLOCK
+    } else {
+        t
+    };
+    let blocks = t.div_ceil(block);
+    let units = nh * blocks;
+    let threads = ctx.pool.threads().min(units);
     let job = |tid: usize| {
         if tid >= threads {
             return;
         }
-        let mut qh = Aligned::<f32>::zeroed(t * hd);
-        let mut scores = vec![0f32; t * total];
-        let mut sums = vec![0f32; t];
-        let mut oh = vec![0f32; t * hd];
-        let lens: Vec<usize> = (0..t).map(|i| offset + i + 1).collect();
-        for h in pool::split(nh, threads, 1, tid) {
+        let mut qh = Aligned::<f32>::zeroed(block * hd);
+        let mut scores = vec![0f32; block * total];
+        let mut sums = vec![0f32; block];
+        let mut oh = vec![0f32; block * hd];
+        for u in pool::split(units, threads, 1, tid) {
+            let (h, b) = (u / blocks, u % blocks);
             let g = h / group;
-            for i in 0..t {
-                qh[i * hd..][..hd].copy_from_slice(&q[(i * nh + h) * hd..][..hd]);
+            let rows = b * block..((b + 1) * block).min(t);
+            let m = rows.len();
+            // Keys up to the block's last row; row i's scores past its own position are
+            // computed and ignored (causal mask).
+            let seen = offset + rows.end;
+            let lens: Vec<usize> = rows.clone().map(|i| offset + i + 1).collect();
+            for (j, i) in rows.clone().enumerate() {
+                qh[j * hd..][..hd].copy_from_slice(&q[(i * nh + h) * hd..][..hd]);
             }
-            // SAFETY: rows 0..total of kv head g are inside the cache (total <= capacity) and
-            // were written before this call; the view is read-only here.
-            let keys = unsafe { WeightView::new(cv.row(cv.k, g, 0, hd), cv.kind, total, hd) };
-            // Row i's scores past its own position are computed and ignored (causal mask).
-            matmul::matmul_single(ctx.isa, &qh, t, &keys, &mut scores);
-            for (i, sum) in sums.iter_mut().enumerate() {
-                let s = &mut scores[i * total..][..lens[i]];
-                let mut max = f32::NEG_INFINITY;
+            // SAFETY: rows 0..seen of kv head g are inside the cache (seen <= total <=
+            // capacity) and were written before this call; the view is read-only here.
+            let keys = unsafe { WeightView::new(cv.row(cv.k, g, 0, hd), cv.kind, seen, hd) };
+            let sc = &mut scores[..m * seen];
+            matmul::matmul_single(ctx.isa, &qh[..m * hd], m, &keys, sc);
+            for (j, sum) in sums[..m].iter_mut().enumerate() {
+                let s = &mut sc[j * seen..][..lens[j]];
                 for v in s.iter_mut() {
                     *v *= scale;
-                    max = max.max(*v);
                 }
+                let max = s.iter().fold(f32::NEG_INFINITY, |a, v| a.max(*v));
                 *sum = simd::exp_sum(ctx.isa, s, max);
             }
-            // SAFETY: value rows 0..total of kv head g are contiguous and written; `scores`
-            // holds t rows of `total`.
+            // SAFETY: value rows 0..seen of kv head g are contiguous and written; `sc` holds
+            // m rows of `seen`.
             unsafe {
                 let values = simd::ValueRows {
                     ptr: cv.row(cv.v, g, 0, hd),
                     kind: cv.kind,
                     hd,
                 };
-                simd::weighted_rows(ctx.isa, &mut oh, &scores, total, &lens, &values)
+                simd::weighted_rows(ctx.isa, &mut oh[..m * hd], sc, seen, &lens, &values)
             };
-            for (i, sum) in sums.iter().enumerate() {
-                let inv = 1.0 / sum;
-                // SAFETY: the task for head h alone writes the [hd] slices of head h.
+            for (j, i) in rows.enumerate() {
+                let inv = 1.0 / sums[j];
+                // SAFETY: the unit (head h, these rows) alone writes these [hd] slices.
                 let o = unsafe { std::slice::from_raw_parts_mut(outp.at((i * nh + h) * hd), hd) };
-                for (o, v) in o.iter_mut().zip(&oh[i * hd..][..hd]) {
+                for (o, v) in o.iter_mut().zip(&oh[j * hd..][..hd]) {
                     *o = v * inv;
                 }
             }
@@ -339,6 +355,9 @@ fn attention(
         ctx.pool.run(&job);
     }
 }
+
+/// Query rows per attention work unit when a pass has many (a prompt chunk).
+const ATTN_ROW_BLOCK: usize = 16;
 
 /// A stack of layers and the shapes to run them.
 pub struct Stack {

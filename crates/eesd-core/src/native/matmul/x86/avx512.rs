@@ -18,7 +18,9 @@ pub(super) unsafe fn load16_512<const K: u8>(row: *const u8, i: usize) -> __m512
 }
 
 /// Rows at most this long (attention's head size, not a weight matrix's) take blocks of 16
-/// outputs reduced together by [`tree16x16`].
+/// outputs reduced together by [`tree16x16`] when there are fewer than 4 rows; with more (a
+/// prompt's queries), 4 x 4 blocks, whose 16 sums reduce together too and whose widened keys
+/// serve 4 rows.
 pub(super) const SHORT_K: usize = 128;
 
 /// The module's tree over the 16 lanes of `v`.
@@ -204,7 +206,7 @@ pub(super) unsafe fn range_512<const K: u8>(
     cols: std::ops::Range<usize>,
 ) {
     let mut j = cols.start;
-    if w.k <= SHORT_K {
+    if w.k <= SHORT_K && m < 4 {
         while j + 16 <= cols.end {
             for r in 0..m {
                 block_512::<K, 16, 1>(x, w, j, r, y);

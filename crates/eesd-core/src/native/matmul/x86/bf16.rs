@@ -128,7 +128,7 @@ pub(in crate::native::matmul) unsafe fn range_dp512(
     cols: std::ops::Range<usize>,
 ) {
     let mut j = cols.start;
-    if w.k <= SHORT_K {
+    if w.k <= SHORT_K && m < 4 {
         while j + 16 <= cols.end {
             for r in 0..m {
                 block_dp512::<16, 1>(xb, kp, w, j, r, y);
@@ -362,7 +362,7 @@ pub(in crate::native::matmul) unsafe fn range_em512(
     cols: std::ops::Range<usize>,
 ) {
     let mut j = cols.start;
-    if w.k <= SHORT_K {
+    if w.k <= SHORT_K && m < 4 {
         while j + 16 <= cols.end {
             for r in 0..m {
                 block_em512::<16, 1>(xs, kp, w, j, r, y);
