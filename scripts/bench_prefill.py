@@ -30,6 +30,8 @@ import time
 
 from transformers import AutoTokenizer
 
+from bench_decode import cpu_name
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PEERS = os.path.join(ROOT, "..", "shared", "peers")
 TEXT = os.path.join(ROOT, "README.md")
@@ -163,16 +165,6 @@ def main():
         with open(a.out, "w") as f:
             json.dump(result, f, indent=2)
     print(table(result))
-
-
-def cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def table(r):
