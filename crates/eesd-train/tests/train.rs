@@ -576,3 +576,70 @@ fn exports_and_runs_are_not_replaced_unasked() {
         "give --resume to continue it",
     );
 }
+
+/// Runs eesd-train with stdout closed before it writes anything (`... | head -c 0`): it must
+/// end quietly, with success and no panic.
+fn quiet_with_closed_stdout(args: &[&str]) {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eesd-train"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {:?}, {err}", out.status);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{args:?}: {err}"
+    );
+}
+
+/// `eesd-train ... | head`: every subcommand (gen, distill training and --eval-only, run,
+/// and --help) ends quietly when its reader goes, and still does its work.
+#[test]
+fn every_subcommand_ends_quietly_with_a_closed_stdout() {
+    let dir = tmp("closed");
+    let m = fixture();
+    let ms = m.to_str().unwrap();
+    let corpus = corpus_file(&dir, 6);
+    let teacher = dir.join("teacher");
+    let ts = teacher.to_str().unwrap();
+    quiet_with_closed_stdout(&[
+        "gen",
+        "--model",
+        ms,
+        "--device",
+        "cpu",
+        "--data",
+        corpus.to_str().unwrap(),
+        "--out",
+        ts,
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert_eq!(corpus::read_teacher(ts).unwrap().len(), 6);
+    let run = dir.join("run");
+    let rs = run.to_str().unwrap();
+    quiet_with_closed_stdout(&distill_args(ms, ts, rs, "2"));
+    assert!(run.join("metrics.jsonl").exists());
+    let mut eval = distill_args(ms, ts, rs, "2");
+    eval.push("--eval-only");
+    quiet_with_closed_stdout(&eval);
+    let recipe = dir.join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[distill]\nmodel = \"{ms}\"\ndevice = \"cpu\"\ndata = [\"{ts}\"]\nout = \"{}\"\n\
+             exit_layer = 1\nsteps = 2\naccum = 2\neval_every = 2\neval_examples = 4\nwarmup = 2\n",
+            dir.join("recipe-run").display()
+        ),
+    )
+    .unwrap();
+    quiet_with_closed_stdout(&["run", recipe.to_str().unwrap()]);
+    assert!(dir.join("recipe-run/metrics.jsonl").exists());
+    quiet_with_closed_stdout(&["--help"]);
+    quiet_with_closed_stdout(&["distill", "--help"]);
+}

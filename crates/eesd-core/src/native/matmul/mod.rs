@@ -203,10 +203,12 @@ impl Isa {
             match self {
                 Isa::Amx => Isa::Avx512Bf16.available() && x86::amx_ready(),
                 Isa::Avx512Bf16 => {
-                    avx2 && is_x86_feature_detected!("avx512f")
-                        && is_x86_feature_detected!("avx512bf16")
+                    Isa::Avx512.available() && is_x86_feature_detected!("avx512bf16")
                 }
-                Isa::Avx512 => avx2 && is_x86_feature_detected!("avx512f"),
+                Isa::Avx512 => {
+                    avx2 && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                }
                 Isa::Avx2 => avx2,
                 Isa::Scalar => true,
             }

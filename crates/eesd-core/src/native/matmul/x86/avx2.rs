@@ -20,6 +20,26 @@ pub(super) unsafe fn load16_256<const K: u8>(row: *const u8, i: usize) -> (__m25
     }
 }
 
+/// [`load16_256`] of the `rem` elements from `i` only, zeros after them.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tail16_256<const K: u8>(row: *const u8, i: usize, rem: usize) -> (__m256, __m256) {
+    if K == F32 {
+        let t = tail::<f32, 16>((row as *const f32).add(i), rem);
+        (
+            _mm256_loadu_ps(t.as_ptr()),
+            _mm256_loadu_ps(t.as_ptr().add(8)),
+        )
+    } else {
+        let t = tail::<u16, 16>((row as *const u16).add(i), rem);
+        let p = t.as_ptr() as *const __m128i;
+        (
+            _mm256_cvtph_ps(_mm_loadu_si128(p)),
+            _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
+        )
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline(never)]
 pub(super) unsafe fn block_256<const K: u8, const NO: usize, const NR: usize>(
@@ -60,20 +80,13 @@ pub(super) unsafe fn block_256<const K: u8, const NO: usize, const NR: usize>(
         i += 16;
     }
     if full < k {
+        let rem = k - full;
         for o in 0..NO {
-            let wt = tail_w(w, j + o, full);
+            let (wl, wh) = tail16_256::<K>(row0.add(o * stride), full, rem);
             for r in 0..NR {
-                let xt = tail_x(&x[(r0 + r) * k..(r0 + r + 1) * k], full);
-                lo[o][r] = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(wt.as_ptr()),
-                    _mm256_loadu_ps(xt.as_ptr()),
-                    lo[o][r],
-                );
-                hi[o][r] = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(wt.as_ptr().add(8)),
-                    _mm256_loadu_ps(xt.as_ptr().add(8)),
-                    hi[o][r],
-                );
+                let xt = tail::<f32, 16>(x0.add(r * k + full), rem);
+                lo[o][r] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xt.as_ptr()), lo[o][r]);
+                hi[o][r] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xt.as_ptr().add(8)), hi[o][r]);
             }
         }
     }

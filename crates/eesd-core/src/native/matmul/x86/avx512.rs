@@ -125,7 +125,7 @@ pub(super) unsafe fn store_sums<const NO: usize, const NR: usize>(
 
 /// NO consecutive outputs from `j` times NR rows from `r0`. No closures here: they would
 /// not inherit the target features, and every intrinsic would become a call.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline(never)]
 pub(super) unsafe fn block_512<const K: u8, const NO: usize, const NR: usize>(
     x: &[f32],
@@ -163,18 +163,37 @@ pub(super) unsafe fn block_512<const K: u8, const NO: usize, const NR: usize>(
         i += 16;
     }
     if full < k {
+        // Masked loads, not copies: a call here (memcpy) made LLVM keep accumulators on the
+        // stack through the whole loop above.
+        let lanes: __mmask16 = (1u16 << (k - full)) - 1;
         for (o, acc_o) in acc.iter_mut().enumerate() {
-            let wt = tail_w(w, j + o, full);
-            let wv = _mm512_loadu_ps(wt.as_ptr());
+            let wv = load16_masked_512::<K>(row0.add(o * stride), full, lanes);
             for (r, a) in acc_o.iter_mut().enumerate() {
-                let xt = tail_x(&x[(r0 + r) * k..(r0 + r + 1) * k], full);
-                *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xt.as_ptr()), *a);
+                let xv = _mm512_maskz_loadu_ps(lanes, x0.add(r * k + full));
+                *a = _mm512_fmadd_ps(wv, xv, *a);
             }
         }
     }
     store_sums(&acc, y, w.n, r0, j);
 }
 
+/// [`load16_512`] of the `lanes` elements from `i` only, zeros in the others.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn load16_masked_512<const K: u8>(row: *const u8, i: usize, lanes: __mmask16) -> __m512 {
+    if K == F32 {
+        _mm512_maskz_loadu_ps(lanes, (row as *const f32).add(i))
+    } else {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+            lanes,
+            (row as *const u16).add(i) as *const i16,
+        ))
+    }
+}
+
+/// The `m` rows in blocks of at most [`MAX_ROWS_512`], as equal as they can be (9 rows are
+/// 5 + 4, not 5 + 3 + 1): a small last block has too few accumulators to cover the FMA
+/// latency.
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub(super) unsafe fn rows_512<const K: u8, const NO: usize>(
@@ -184,18 +203,24 @@ pub(super) unsafe fn rows_512<const K: u8, const NO: usize>(
     j: usize,
     y: *mut f32,
 ) {
+    let blocks = m.div_ceil(MAX_ROWS_512);
     let mut r = 0;
-    while r + 4 <= m {
-        block_512::<K, NO, 4>(x, w, j, r, y);
-        r += 4;
-    }
-    match m - r {
-        3 => block_512::<K, NO, 3>(x, w, j, r, y),
-        2 => block_512::<K, NO, 2>(x, w, j, r, y),
-        1 => block_512::<K, NO, 1>(x, w, j, r, y),
-        _ => {}
+    for b in 0..blocks {
+        let nr = m / blocks + usize::from(b < m % blocks);
+        match nr {
+            5 => block_512::<K, NO, 5>(x, w, j, r, y),
+            4 => block_512::<K, NO, 4>(x, w, j, r, y),
+            3 => block_512::<K, NO, 3>(x, w, j, r, y),
+            2 => block_512::<K, NO, 2>(x, w, j, r, y),
+            _ => block_512::<K, NO, 1>(x, w, j, r, y),
+        }
+        r += nr;
     }
 }
+
+/// Rows per register block of the f32 / f16 kernel: 4 outputs x 5 rows is 20 accumulators,
+/// 4 weight vectors and a row's vector, within the 32 registers.
+const MAX_ROWS_512: usize = 5;
 
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn range_512<const K: u8>(

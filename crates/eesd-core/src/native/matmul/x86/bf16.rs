@@ -23,19 +23,13 @@ pub(in crate::native::matmul) unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u
     }
 }
 
-/// Row `j`'s chunk of 32 bf16 weights at element `i` as a vector; a zero-padded copy for
-/// the tail chunk (fewer than 32 elements left).
-#[inline]
-pub(super) fn w32_tail(w: &WeightView, j: usize, i: usize) -> [u16; 32] {
-    let mut b = [0u16; 32];
-    for (l, v) in b.iter_mut().enumerate().take(w.k - i) {
-        // SAFETY: (j, i + l) is inside the matrix.
-        *v = unsafe { *(w.row_ptr(j) as *const u16).add(i + l) };
-    }
-    b
+/// Row `j`'s chunk of 32 bf16 weights at element `i` (fewer than 32 left), zero-padded.
+#[inline(always)]
+pub(super) unsafe fn w32_tail(w: &WeightView, j: usize, i: usize) -> [u16; 32] {
+    tail::<u16, 32>((w.row_ptr(j) as *const u16).add(i), w.k - i)
 }
 
-#[target_feature(enable = "avx512f,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[inline(never)]
 pub(super) unsafe fn block_dp512<const NO: usize, const NR: usize>(
     xb: &[u16],
@@ -77,10 +71,11 @@ pub(super) unsafe fn block_dp512<const NO: usize, const NR: usize>(
         i += 32;
     }
     if full < k {
+        // A masked load, not a copy (a call here kept accumulators on the stack).
+        let lanes: __mmask32 = (1u32 << (k - full)) - 1;
         for (o, acc_o) in acc.iter_mut().enumerate() {
-            let wt = w32_tail(w, j + o, full);
-            let wv: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(wt.as_ptr() as *const __m512i));
+            let wt = _mm512_maskz_loadu_epi16(lanes, row0.add(o * stride + 2 * full) as *const i16);
+            let wv: __m512bh = std::mem::transmute(wt);
             for (r, a) in acc_o.iter_mut().enumerate() {
                 let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(
                     x0.add(r * kp + full) as *const __m512i
@@ -176,48 +171,71 @@ pub(super) unsafe fn block_dp256<const NO: usize, const NR: usize>(
     let row0 = w.row_ptr(j);
     let stride = k * 2;
     let x0 = xs.as_ptr().add(r0 * kp);
-    let mask = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 32, r0 == 0);
-    let chunks = k.div_ceil(32);
-    for c in 0..chunks {
-        if c * 32 < full {
-            for l in 0..pf_lines {
-                _mm_prefetch::<_MM_HINT_T0>(pf.add((c * pf_lines + l) * 64) as *const i8);
-            }
+    for c in 0..full / 32 {
+        for l in 0..pf_lines {
+            _mm_prefetch::<_MM_HINT_T0>(pf.add((c * pf_lines + l) * 64) as *const i8);
         }
-        // (odd, even) halves: lanes 0-7 from elements 0-15, lanes 8-15 from 16-31.
-        let mut wv = [(z, z, z, z); NO];
+        let mut wv = [(_mm256_setzero_si256(), _mm256_setzero_si256()); NO];
         for (o, v) in wv.iter_mut().enumerate() {
-            let (a, b) = if c * 32 < full {
-                let p = row0.add(o * stride + 64 * c) as *const __m256i;
-                (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
-            } else {
-                let t = w32_tail(w, j + o, full);
-                let p = t.as_ptr() as *const __m256i;
-                (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
-            };
-            *v = (
-                _mm256_castsi256_ps(_mm256_and_si256(a, mask)),
-                _mm256_castsi256_ps(_mm256_and_si256(b, mask)),
-                _mm256_castsi256_ps(_mm256_slli_epi32(a, 16)),
-                _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)),
-            );
+            let p = row0.add(o * stride + 64 * c) as *const __m256i;
+            *v = (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
         }
-        for r in 0..NR {
-            let xr = x0.add(r * kp + 32 * c);
-            let (xol, xoh) = (_mm256_loadu_ps(xr), _mm256_loadu_ps(xr.add(8)));
-            let (xel, xeh) = (_mm256_loadu_ps(xr.add(16)), _mm256_loadu_ps(xr.add(24)));
-            for o in 0..NO {
-                lo[o][r] = _mm256_fmadd_ps(wv[o].0, xol, lo[o][r]);
-                hi[o][r] = _mm256_fmadd_ps(wv[o].1, xoh, hi[o][r]);
-                lo[o][r] = _mm256_fmadd_ps(wv[o].2, xel, lo[o][r]);
-                hi[o][r] = _mm256_fmadd_ps(wv[o].3, xeh, hi[o][r]);
-            }
+        dp256_chunk(&mut lo, &mut hi, &wv, x0.add(32 * c), kp);
+    }
+    // The tail after the loop, from a zero-padded copy (inlined, no call).
+    if full < k {
+        let mut wv = [(_mm256_setzero_si256(), _mm256_setzero_si256()); NO];
+        for (o, v) in wv.iter_mut().enumerate() {
+            let t = w32_tail(w, j + o, full);
+            let p = t.as_ptr() as *const __m256i;
+            *v = (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
         }
+        dp256_chunk(&mut lo, &mut hi, &wv, x0.add(full), kp);
     }
     for o in 0..NO {
         for r in 0..NR {
             *y.add((r0 + r) * w.n + j + o) = tree_256(_mm256_add_ps(lo[o][r], hi[o][r]));
+        }
+    }
+}
+
+/// One chunk of 32 of [`block_dp256`]: `wv[o]` holds output o's 32 bf16 weights as two
+/// 16-element halves, `xr` the first row's split chunk (the next rows `kp` apart).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dp256_chunk<const NO: usize, const NR: usize>(
+    lo: &mut [[__m256; NR]; NO],
+    hi: &mut [[__m256; NR]; NO],
+    wv: &[(__m256i, __m256i); NO],
+    xr: *const f32,
+    kp: usize,
+) {
+    let mask = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    // (odd, even) halves: lanes 0-7 from elements 0-15, lanes 8-15 from 16-31.
+    let mut ww = [(
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    ); NO];
+    for (o, (a, b)) in wv.iter().enumerate() {
+        ww[o] = (
+            _mm256_castsi256_ps(_mm256_and_si256(*a, mask)),
+            _mm256_castsi256_ps(_mm256_and_si256(*b, mask)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(*a, 16)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(*b, 16)),
+        );
+    }
+    for r in 0..NR {
+        let xr = xr.add(r * kp);
+        let (xol, xoh) = (_mm256_loadu_ps(xr), _mm256_loadu_ps(xr.add(8)));
+        let (xel, xeh) = (_mm256_loadu_ps(xr.add(16)), _mm256_loadu_ps(xr.add(24)));
+        for o in 0..NO {
+            lo[o][r] = _mm256_fmadd_ps(ww[o].0, xol, lo[o][r]);
+            hi[o][r] = _mm256_fmadd_ps(ww[o].1, xoh, hi[o][r]);
+            lo[o][r] = _mm256_fmadd_ps(ww[o].2, xel, lo[o][r]);
+            hi[o][r] = _mm256_fmadd_ps(ww[o].3, xeh, hi[o][r]);
         }
     }
 }
@@ -255,7 +273,7 @@ pub(in crate::native::matmul) unsafe fn range_dp256(
 /// chunk, its odd elements (a mask) and even elements (a shift) widened to 16 f32 lanes, against
 /// `xs` pre-split as [odd elements, even elements]; odd first, as VDPBF16PS. Half the
 /// instructions of the AVX2 kernel per lane, and the widened weights serve `NR` rows.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 #[inline(never)]
 pub(super) unsafe fn block_em512<const NO: usize, const NR: usize>(
     xs: &[f32],
@@ -267,7 +285,7 @@ pub(super) unsafe fn block_em512<const NO: usize, const NR: usize>(
 ) {
     let k = w.k;
     let full = k / 32 * 32;
-    let mut acc = [[_mm512_setzero_ps(); NR]; NO];
+    let mut acc = [[_mm512_setzero_ps(); NO]; NR];
     let row0 = w.row_ptr(j);
     let stride = k * 2;
     let x0 = xs.as_ptr().add(r0 * kp);
@@ -289,14 +307,22 @@ pub(super) unsafe fn block_em512<const NO: usize, const NR: usize>(
         i += 32;
     }
     if full < k {
+        // A masked load, not a copy: a call here (memcpy) made LLVM keep a third of the
+        // accumulators on the stack through the whole loop above.
+        let lanes: __mmask32 = (1u32 << (k - full)) - 1;
         let mut wv = [_mm512_setzero_si512(); NO];
         for (o, v) in wv.iter_mut().enumerate() {
-            let t = w32_tail(w, j + o, full);
-            *v = _mm512_loadu_si512(t.as_ptr() as *const __m512i);
+            *v = _mm512_maskz_loadu_epi16(lanes, row0.add(o * stride + 2 * full) as *const i16);
         }
         em512_chunk(&mut acc, &wv, x0.add(full), kp);
     }
-    store_sums(&acc, y, w.n, r0, j);
+    let mut sums = [[_mm512_setzero_ps(); NR]; NO];
+    for (r, a) in acc.iter().enumerate() {
+        for (o, v) in a.iter().enumerate() {
+            sums[o][r] = *v;
+        }
+    }
+    store_sums(&sums, y, w.n, r0, j);
 }
 
 /// One chunk of 32 of [`block_em512`]: `wv[o]` holds output o's 32 bf16 weights, `xr` the
@@ -304,7 +330,7 @@ pub(super) unsafe fn block_em512<const NO: usize, const NR: usize>(
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn em512_chunk<const NO: usize, const NR: usize>(
-    acc: &mut [[__m512; NR]; NO],
+    acc: &mut [[__m512; NO]; NR],
     wv: &[__m512i; NO],
     xr: *const f32,
     kp: usize,
@@ -316,18 +342,200 @@ unsafe fn em512_chunk<const NO: usize, const NR: usize>(
         wo[o] = _mm512_castsi512_ps(_mm512_and_si512(wv[o], mask));
         we[o] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wv[o]));
     }
-    for r in 0..NR {
-        let (xo, xe) = (
-            _mm512_loadu_ps(xr.add(r * kp)),
-            _mm512_loadu_ps(xr.add(r * kp + 16)),
-        );
-        for o in 0..NO {
-            acc[o][r] = _mm512_fmadd_ps(wo[o], xo, acc[o][r]);
-            acc[o][r] = _mm512_fmadd_ps(we[o], xe, acc[o][r]);
+    for (r, a) in acc.iter_mut().enumerate() {
+        em512_row(a, &wo, &we, xr.add(r * kp));
+    }
+}
+
+/// One row's FMAs of [`em512_chunk`] in one asm block, loads included. Written as
+/// intrinsics, LLVM hoisted every row's loads to the top of the chunk (the rows are
+/// read-only, so nothing orders them) and spilled a quarter of the accumulators to the
+/// stack: the chains then ran through memory at about half the FMA rate.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn em512_row<const NO: usize>(
+    a: &mut [__m512; NO],
+    wo: &[__m512; NO],
+    we: &[__m512; NO],
+    p: *const f32,
+) {
+    // The operands name the array elements directly, so each arm only touches indices
+    // below its NO.
+    match NO {
+        1 => std::arch::asm!(
+            "vmovups {xo}, [{p}]",
+            "vmovups {xe}, [{p} + 64]",
+            "vfmadd231ps {a0}, {wo0}, {xo}",
+            "vfmadd231ps {a0}, {we0}, {xe}",
+            p = in(reg) p,
+            xo = out(zmm_reg) _,
+            xe = out(zmm_reg) _,
+            a0 = inout(zmm_reg) a[0],
+            wo0 = in(zmm_reg) wo[0],
+            we0 = in(zmm_reg) we[0],
+            options(nostack, readonly, preserves_flags),
+        ),
+        2 => std::arch::asm!(
+            "vmovups {xo}, [{p}]",
+            "vmovups {xe}, [{p} + 64]",
+            "vfmadd231ps {a0}, {wo0}, {xo}",
+            "vfmadd231ps {a0}, {we0}, {xe}",
+            "vfmadd231ps {a1}, {wo1}, {xo}",
+            "vfmadd231ps {a1}, {we1}, {xe}",
+            p = in(reg) p,
+            xo = out(zmm_reg) _,
+            xe = out(zmm_reg) _,
+            a0 = inout(zmm_reg) a[0],
+            a1 = inout(zmm_reg) a[1],
+            wo0 = in(zmm_reg) wo[0],
+            we0 = in(zmm_reg) we[0],
+            wo1 = in(zmm_reg) wo[1],
+            we1 = in(zmm_reg) we[1],
+            options(nostack, readonly, preserves_flags),
+        ),
+        3 => std::arch::asm!(
+            "vmovups {xo}, [{p}]",
+            "vmovups {xe}, [{p} + 64]",
+            "vfmadd231ps {a0}, {wo0}, {xo}",
+            "vfmadd231ps {a0}, {we0}, {xe}",
+            "vfmadd231ps {a1}, {wo1}, {xo}",
+            "vfmadd231ps {a1}, {we1}, {xe}",
+            "vfmadd231ps {a2}, {wo2}, {xo}",
+            "vfmadd231ps {a2}, {we2}, {xe}",
+            p = in(reg) p,
+            xo = out(zmm_reg) _,
+            xe = out(zmm_reg) _,
+            a0 = inout(zmm_reg) a[0],
+            a1 = inout(zmm_reg) a[1],
+            a2 = inout(zmm_reg) a[2],
+            wo0 = in(zmm_reg) wo[0],
+            we0 = in(zmm_reg) we[0],
+            wo1 = in(zmm_reg) wo[1],
+            we1 = in(zmm_reg) we[1],
+            wo2 = in(zmm_reg) wo[2],
+            we2 = in(zmm_reg) we[2],
+            options(nostack, readonly, preserves_flags),
+        ),
+        4 => std::arch::asm!(
+            "vmovups {xo}, [{p}]",
+            "vmovups {xe}, [{p} + 64]",
+            "vfmadd231ps {a0}, {wo0}, {xo}",
+            "vfmadd231ps {a0}, {we0}, {xe}",
+            "vfmadd231ps {a1}, {wo1}, {xo}",
+            "vfmadd231ps {a1}, {we1}, {xe}",
+            "vfmadd231ps {a2}, {wo2}, {xo}",
+            "vfmadd231ps {a2}, {we2}, {xe}",
+            "vfmadd231ps {a3}, {wo3}, {xo}",
+            "vfmadd231ps {a3}, {we3}, {xe}",
+            p = in(reg) p,
+            xo = out(zmm_reg) _,
+            xe = out(zmm_reg) _,
+            a0 = inout(zmm_reg) a[0],
+            a1 = inout(zmm_reg) a[1],
+            a2 = inout(zmm_reg) a[2],
+            a3 = inout(zmm_reg) a[3],
+            wo0 = in(zmm_reg) wo[0],
+            we0 = in(zmm_reg) we[0],
+            wo1 = in(zmm_reg) wo[1],
+            we1 = in(zmm_reg) we[1],
+            wo2 = in(zmm_reg) wo[2],
+            we2 = in(zmm_reg) we[2],
+            wo3 = in(zmm_reg) wo[3],
+            we3 = in(zmm_reg) we[3],
+            options(nostack, readonly, preserves_flags),
+        ),
+        8 => std::arch::asm!(
+            "vmovups {xo}, [{p}]",
+            "vmovups {xe}, [{p} + 64]",
+            "vfmadd231ps {a0}, {wo0}, {xo}",
+            "vfmadd231ps {a0}, {we0}, {xe}",
+            "vfmadd231ps {a1}, {wo1}, {xo}",
+            "vfmadd231ps {a1}, {we1}, {xe}",
+            "vfmadd231ps {a2}, {wo2}, {xo}",
+            "vfmadd231ps {a2}, {we2}, {xe}",
+            "vfmadd231ps {a3}, {wo3}, {xo}",
+            "vfmadd231ps {a3}, {we3}, {xe}",
+            "vfmadd231ps {a4}, {wo4}, {xo}",
+            "vfmadd231ps {a4}, {we4}, {xe}",
+            "vfmadd231ps {a5}, {wo5}, {xo}",
+            "vfmadd231ps {a5}, {we5}, {xe}",
+            "vfmadd231ps {a6}, {wo6}, {xo}",
+            "vfmadd231ps {a6}, {we6}, {xe}",
+            "vfmadd231ps {a7}, {wo7}, {xo}",
+            "vfmadd231ps {a7}, {we7}, {xe}",
+            p = in(reg) p,
+            xo = out(zmm_reg) _,
+            xe = out(zmm_reg) _,
+            a0 = inout(zmm_reg) a[0],
+            a1 = inout(zmm_reg) a[1],
+            a2 = inout(zmm_reg) a[2],
+            a3 = inout(zmm_reg) a[3],
+            a4 = inout(zmm_reg) a[4],
+            a5 = inout(zmm_reg) a[5],
+            a6 = inout(zmm_reg) a[6],
+            a7 = inout(zmm_reg) a[7],
+            wo0 = in(zmm_reg) wo[0],
+            we0 = in(zmm_reg) we[0],
+            wo1 = in(zmm_reg) wo[1],
+            we1 = in(zmm_reg) we[1],
+            wo2 = in(zmm_reg) wo[2],
+            we2 = in(zmm_reg) we[2],
+            wo3 = in(zmm_reg) wo[3],
+            we3 = in(zmm_reg) we[3],
+            wo4 = in(zmm_reg) wo[4],
+            we4 = in(zmm_reg) we[4],
+            wo5 = in(zmm_reg) wo[5],
+            we5 = in(zmm_reg) we[5],
+            wo6 = in(zmm_reg) wo[6],
+            we6 = in(zmm_reg) we[6],
+            wo7 = in(zmm_reg) wo[7],
+            we7 = in(zmm_reg) we[7],
+            options(nostack, readonly, preserves_flags),
+        ),
+        // Wider blocks (16 outputs of attention's short rows) cannot hold their operands
+        // in registers anyway.
+        _ => {
+            let (xo, xe) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+            for o in 0..NO {
+                a[o] = _mm512_fmadd_ps(wo[o], xo, a[o]);
+                a[o] = _mm512_fmadd_ps(we[o], xe, a[o]);
+            }
         }
     }
 }
 
+/// [`block_em512`] for `nr` rows (1 to [`MAX_ROWS_EM512`]), `NO` outputs.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn block_em512_n<const NO: usize>(
+    xs: &[f32],
+    kp: usize,
+    nr: usize,
+    w: &WeightView,
+    j: usize,
+    r0: usize,
+    y: *mut f32,
+) {
+    match nr {
+        1 => block_em512::<NO, 1>(xs, kp, w, j, r0, y),
+        2 => block_em512::<NO, 2>(xs, kp, w, j, r0, y),
+        3 => block_em512::<NO, 3>(xs, kp, w, j, r0, y),
+        4 => block_em512::<NO, 4>(xs, kp, w, j, r0, y),
+        5 => block_em512::<NO, 5>(xs, kp, w, j, r0, y),
+        _ => unreachable!("row blocks hold at most MAX_ROWS_EM512 rows"),
+    }
+}
+
+/// Rows per register block of [`block_em512`]: 4 outputs x 5 rows is 20 accumulators, 8
+/// widened weight vectors, the mask and a row's two vectors: 31 of the 32 registers. (On
+/// 2026-12-01's host, one thread, weights in L2: 4 x 5 blocks ran 60-65 G multiply-adds/s of a
+/// measured 89 peak at 5-16 rows; 4 x 4, 3 x 7 and 2 x 10-12 were no better, 2 x 12 worse
+/// from 64 rows on, where the rows no longer fit in L1.)
+const MAX_ROWS_EM512: usize = 5;
+
+/// The `m` rows in blocks of at most [`MAX_ROWS_EM512`], as equal as they can be (9 rows are
+/// 5 + 4, not 5 + 3 + 1): a small last block has too few accumulators to cover the FMA
+/// latency.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn rows_em512<const NO: usize>(
@@ -338,16 +546,12 @@ unsafe fn rows_em512<const NO: usize>(
     j: usize,
     y: *mut f32,
 ) {
+    let blocks = m.div_ceil(MAX_ROWS_EM512);
     let mut r = 0;
-    while r + 4 <= m {
-        block_em512::<NO, 4>(xs, kp, w, j, r, y);
-        r += 4;
-    }
-    match m - r {
-        3 => block_em512::<NO, 3>(xs, kp, w, j, r, y),
-        2 => block_em512::<NO, 2>(xs, kp, w, j, r, y),
-        1 => block_em512::<NO, 1>(xs, kp, w, j, r, y),
-        _ => {}
+    for b in 0..blocks {
+        let nr = m / blocks + usize::from(b < m % blocks);
+        block_em512_n::<NO>(xs, kp, nr, w, j, r, y);
+        r += nr;
     }
 }
 

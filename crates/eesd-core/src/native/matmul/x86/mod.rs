@@ -23,19 +23,18 @@ pub(super) use super::{WKind, WeightView};
 pub(super) use std::arch::asm;
 pub(super) use std::arch::x86_64::*;
 
-/// Copies a tail chunk (fewer than 16 elements from `i`) of row `j` into a zero-padded
-/// f32 buffer; tails are rare (no LLaMA dimension has one) so this need not be fast.
-pub(super) fn tail_w(w: &WeightView, j: usize, i: usize) -> [f32; 16] {
-    let mut b = [0f32; 16];
-    for (l, v) in b.iter_mut().enumerate().take(w.k - i) {
-        *v = w.get(j, i + l);
+/// The `rem` (< N) elements from `p`, zero-padded to N: a tail chunk (no LLaMA dimension has
+/// one). A fixed loop of selects, inlined: a copy of `rem` elements would become a call to
+/// memcpy, and a call anywhere in a block kernel made LLVM keep accumulators on the stack
+/// through its whole main loop (the kernel then ran at about half its rate).
+#[inline(always)]
+pub(super) unsafe fn tail<T: Copy + Default, const N: usize>(p: *const T, rem: usize) -> [T; N] {
+    let mut b = [T::default(); N];
+    for (l, v) in b.iter_mut().enumerate() {
+        if l < rem {
+            *v = *p.add(l);
+        }
     }
-    b
-}
-
-pub(super) fn tail_x(x: &[f32], i: usize) -> [f32; 16] {
-    let mut b = [0f32; 16];
-    b[..x.len() - i].copy_from_slice(&x[i..]);
     b
 }
 
