@@ -53,6 +53,28 @@ pub fn synchronize(device: Device) {
     }
 }
 
+/// Whether the frozen base's passes run on the native CPU kernels (`crate::native`): `--kernels
+/// native` or `torch`; by default native on the CPU and torch on CUDA. Checked before any model
+/// loads; `device` is the `--device` flag.
+pub fn base_on_native(kernels: Option<&str>, device: Option<&str>) -> Result<bool> {
+    // The flag as written (whether the device exists is checked where the model loads).
+    let cpu = match device {
+        None => !tch::Cuda::is_available(),
+        Some(d) => d == "cpu",
+    };
+    match kernels {
+        None => Ok(cpu),
+        Some("torch") => Ok(false),
+        Some("native") if cpu => Ok(true),
+        Some("native") => Err(Error::Input(
+            "--kernels native runs on the CPU only; use --kernels torch on CUDA".into(),
+        )),
+        Some(k) => Err(Error::Input(format!(
+            "bad --kernels `{k}`: expected native or torch"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -317,3 +317,60 @@ fn native_rows_of_different_sequences_have_the_bits_of_each_alone() {
         }
     }
 }
+
+/// Teacher generation on the native kernels (`generate_native`, what `eesd-train gen` runs on
+/// the CPU): three prompts of different lengths decoded together, the longest in several
+/// prefill chunks, give each the tokens of that prompt fed one row at a time and then decoded
+/// greedily by hand alone, in every weight dtype (one answer ends early at an EOS, so the
+/// batch shrinks); in f32 also torch's batched generation's.
+#[test]
+fn native_generation_equals_row_by_row_decoding() {
+    use eesd_core::generate::{generate_batch, generate_native, GenerateOptions};
+    use eesd_core::native::NativeModel;
+    let _g = tch::no_grad_guard();
+    for (name, m) in native_models() {
+        let nm = NativeModel::new(&m).unwrap();
+        let long = (m.cfg.max_position_embeddings as i64 - 20).min(300);
+        let prompts: Vec<Vec<u32>> = [(long, 11), (5, 12), (40, 13)]
+            .iter()
+            .map(|&(n, seed)| host_ids(n, m.cfg.vocab_size, seed))
+            .collect();
+        let mut opts = GenerateOptions {
+            max_new_tokens: 12,
+            sampling: eesd_core::sampling::SamplingParams::new(0.0, 0, 1.0).unwrap(),
+            eos_ids: vec![],
+        };
+        let alone = |p: &[u32], eos: &[u32]| {
+            let mut cache = m.new_cache(1, p.len() as i64 + 16);
+            let mut last = Vec::new();
+            for &t in p {
+                last = nm.embed(&[t]);
+                nm.forward_layers(&mut last, 1, 0..m.num_layers(), &mut cache)
+                    .unwrap();
+            }
+            let mut want = Vec::new();
+            for _ in 0..12 {
+                let next = nm.logits(&last, 1).argmax(-1, false).int64_value(&[0]) as u32;
+                want.push(next);
+                if eos.contains(&next) {
+                    break;
+                }
+                last = nm.embed(&[next]);
+                nm.forward_layers(&mut last, 1, 0..m.num_layers(), &mut cache)
+                    .unwrap();
+            }
+            want
+        };
+        // The second prompt's 4th token as EOS: that answer ends there.
+        opts.eos_ids = vec![alone(&prompts[1], &[])[3]];
+        let got = generate_native(&nm, &m, &prompts, &opts).unwrap();
+        for (p, g) in prompts.iter().zip(&got) {
+            assert_eq!(g, &alone(p, &opts.eos_ids), "{name}");
+        }
+        assert!(got[1].len() <= 4, "{name}: the EOS did not end the answer");
+        if name.contains("Float") {
+            let torch = generate_batch(&m, &prompts, &opts).unwrap();
+            assert_eq!(got, torch, "{name}: torch's greedy tokens");
+        }
+    }
+}

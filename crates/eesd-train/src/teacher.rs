@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use eesd_core::args::ModelArgs;
 use eesd_core::corpus::{self, TeacherRow};
-use eesd_core::generate::{generate_batch, GenerateOptions};
+use eesd_core::generate::{generate_batch, generate_native, GenerateOptions};
+use eesd_core::native::NativeModel;
 use eesd_core::sampling::SamplingParams;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashSet;
@@ -53,12 +54,17 @@ pub struct GenArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
-    /// Prompts decoded together (left-padded).
+    /// Prompts decoded together (one pass per step for all their rows).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Rows per parquet part.
     #[arg(long, default_value_t = 64)]
     pub chunk: usize,
+    /// Kernels of the base's generation: native (our CPU kernels: each answer the one
+    /// eesd-infer's plain decoding gives, whatever the batch) or torch [default: native on
+    /// cpu, torch on cuda].
+    #[arg(long)]
+    pub kernels: Option<String>,
 }
 
 impl GenArgs {
@@ -78,6 +84,7 @@ impl GenArgs {
             }
         }
         SamplingParams::new(self.temperature, 0, self.top_p)?;
+        eesd_core::device::base_on_native(self.kernels.as_deref(), self.base.device.as_deref())?;
         Ok(())
     }
 }
@@ -154,6 +161,13 @@ pub fn run(a: &GenArgs) -> Result<()> {
         sampling,
         eos_ids: p.tokenizer.eos_ids.clone(),
     };
+    let native = match (
+        &a.reference_column,
+        eesd_core::device::base_on_native(a.kernels.as_deref(), a.base.device.as_deref())?,
+    ) {
+        (None, true) => Some(NativeModel::new(&p.model).context("the base on the native kernels")?),
+        _ => None,
+    };
     tch::manual_seed(a.seed);
     let t0 = Instant::now();
     let mut tokens = 0usize;
@@ -161,9 +175,10 @@ pub fn run(a: &GenArgs) -> Result<()> {
         let mut rows = Vec::with_capacity(chunk.len());
         for batch in chunk.chunks(a.batch_size.max(1)) {
             let ids: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-            let outs = match &a.reference_column {
-                None => generate_batch(&p.model, &ids, &opts)?,
-                Some(_) => batch
+            let outs = match (&a.reference_column, &native) {
+                (None, Some(nm)) => generate_native(nm, &p.model, &ids, &opts)?,
+                (None, None) => generate_batch(&p.model, &ids, &opts)?,
+                (Some(_), _) => batch
                     .iter()
                     .map(|(row, _)| {
                         let mut r = p.tokenizer.encode(&references[&row.id], false)?;

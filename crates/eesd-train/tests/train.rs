@@ -643,3 +643,31 @@ fn every_subcommand_ends_quietly_with_a_closed_stdout() {
     quiet_with_closed_stdout(&["--help"]);
     quiet_with_closed_stdout(&["distill", "--help"]);
 }
+
+/// `--kernels` (which kernels run the frozen base) is checked before any work, in both
+/// subcommands: only native or torch, and native only on the CPU.
+#[test]
+fn kernels_flag_is_checked_before_any_work() {
+    let dir = tmp("kernels");
+    let m = fixture();
+    let ms = m.to_str().unwrap();
+    let missing = dir.join("missing.parquet");
+    let (data, out) = (missing.to_str().unwrap(), dir.join("o"));
+    let os = out.to_str().unwrap();
+    for sub in ["gen", "distill"] {
+        let mut args = vec![sub, "--model", ms, "--data", data, "--out", os];
+        if sub == "distill" {
+            args.extend(["--exit-layer", "1"]);
+        }
+        let with = |extra: &[&'static str]| [&args[..], extra].concat();
+        refused(
+            &with(&["--device", "cpu", "--kernels", "fast"]),
+            "bad --kernels `fast`: expected native or torch",
+        );
+        refused(
+            &with(&["--device", "cuda", "--kernels", "native"]),
+            "--kernels native runs on the CPU only",
+        );
+    }
+    assert!(!out.exists(), "a refused command wrote its output");
+}

@@ -669,7 +669,9 @@ mod tests {
         let pool = Pool::new(2);
         let m = 2 * ROW_TILE + 7;
         for kind in [WKind::F32, WKind::Bf16, WKind::F16] {
-            for (n, k) in [(40, 96), (33, 70)] {
+            // (1100, 200): rows longer than attention's, and bf16 weights over two of the
+            // AVX-512 emulation's L2 tiles of outputs.
+            for (n, k) in [(40, 96), (33, 70), (1100, 200)] {
                 let buf = weights(kind, n, k, (n + k) as u32);
                 let w = unsafe { WeightView::new(buf.as_ptr(), kind, n, k) };
                 let packed = (kind == WKind::Bf16 && n >= 16).then(|| AmxPacked::new(&w));

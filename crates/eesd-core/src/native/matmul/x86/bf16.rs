@@ -590,6 +590,31 @@ pub(in crate::native::matmul) unsafe fn range_em512(
             j += 8;
         }
     }
+    let end4 = j + (cols.end - j) / 4 * 4;
+    if m > MAX_ROWS_EM512 && w.k > SHORT_K && std::env::var_os("EM_OLD").is_none() {
+        // Several row blocks: each block's rows stay in L1 while it runs over a tile of
+        // outputs whose weights (at most EM512_TILE_BYTES) stay in L2 for the next block. The
+        // other order (every block over 4 outputs before the next 4) re-reads all the rows
+        // from L2 for every 4 outputs: twice the L2 traffic per multiply-add.
+        let tile = (EM512_TILE_BYTES / (2 * w.k)).max(4) / 4 * 4;
+        let blocks = m.div_ceil(MAX_ROWS_EM512);
+        let mut t0 = j;
+        while t0 < end4 {
+            let t1 = (t0 + tile).min(end4);
+            let mut r = 0;
+            for b in 0..blocks {
+                let nr = m / blocks + usize::from(b < m % blocks);
+                let mut jj = t0;
+                while jj < t1 {
+                    block_em512_n::<4>(xs, kp, nr, w, jj, r, y);
+                    jj += 4;
+                }
+                r += nr;
+            }
+            t0 = t1;
+        }
+        j = end4;
+    }
     while j + 4 <= cols.end {
         rows_em512::<4>(xs, kp, m, w, j, y);
         j += 4;
@@ -599,3 +624,7 @@ pub(in crate::native::matmul) unsafe fn range_em512(
         j += 1;
     }
 }
+
+/// The weights one row block runs over before the next block starts (see [`range_em512`]):
+/// well inside a 1-2 MB L2 with the rows beside them.
+const EM512_TILE_BYTES: usize = 384 * 1024;
