@@ -110,9 +110,17 @@ fn batches(path: &Path) -> Result<Vec<RecordBatch>> {
 /// every element a footer declares.
 const MAX_FOOTER: u64 = 8 << 20;
 
+/// Elements a footer's list, set or map may declare. Bounding them by the bytes left is not
+/// enough: an element as small as one byte (an empty struct) is decoded into a row group or
+/// column chunk of a few KB, so a list of 8 M of them in an 8 MB footer asked for 25.7 GB
+/// (found by `just fuzz` after the bytes bound). Our files' lists are schema fields, row
+/// groups and column chunks: tens to thousands.
+const MAX_LIST: u64 = 1 << 16;
+
 /// Checks the file's footer before the parquet reader sees it: the `PAR1` magic, a metadata
 /// length inside the file, and thrift metadata whose every list, set and map holds no more
-/// elements than the bytes after its header (each element takes at least one). The reader
+/// elements than the bytes after its header (each element takes at least one) nor more than
+/// [`MAX_LIST`]. The reader
 /// (parquet 56) reserves memory for a list's declared length before reading it: a malformed
 /// footer that `just fuzz` found declared a list of 32 GB worth of schema elements and aborted
 /// the process, which no `catch_unwind` can turn into an error.
@@ -145,7 +153,7 @@ fn check_footer(path: &Path) -> Result<()> {
         .and_then(|_| f.read_exact(&mut meta))
         .map_err(|e| Error::io(path, e))?;
     let mut walk = Compact { b: &meta, i: 0 };
-    match walk.structure(0) {
+    match walk.structure(Thrift::File, 0) {
         Some(()) => Ok(()),
         None => bad("malformed footer metadata"),
     }
@@ -188,26 +196,63 @@ impl Compact<'_> {
         Some(())
     }
 
-    fn structure(&mut self, depth: usize) -> Option<()> {
+    /// A struct the parquet reader will decode as `s`: every field it knows must come with the
+    /// wire type it will read it as. The reader (parquet 56's generated thrift code) does not
+    /// check: given an integer where it expects a list, it reads the integer's bytes as a list
+    /// header and reserves memory for whatever count they spell (`just fuzz` found 25.7 GB).
+    /// Fields it does not know it skips by their wire type, as this walk does.
+    fn structure(&mut self, s: Thrift, depth: usize) -> Option<()> {
         if depth > 32 {
             return None;
         }
+        let mut id = 0i64;
         loop {
             let h = self.byte()?;
             if h == 0 {
                 return Some(());
             }
-            if h >> 4 == 0 {
-                self.varint()?; // a long-form field id
-            }
-            match h & 0x0f {
-                1 | 2 => {} // a bool field's value is its type
-                ty => self.value(ty, depth)?,
+            id = match h >> 4 {
+                0 => {
+                    let z = self.varint()?;
+                    (z >> 1) as i64 ^ -((z & 1) as i64)
+                }
+                delta => id + delta as i64,
+            };
+            let wire = h & 0x0f;
+            match (s.field(id), wire) {
+                (None, 1 | 2) => {} // a bool field's value is its type
+                (None, ty) => self.value(ty, Thrift::Any, depth)?,
+                (Some(Want::One(BOOL)), 1 | 2) => {}
+                (Some(Want::One(want)), ty) if ty == want && want != BOOL => {
+                    self.value(ty, Thrift::Any, depth)?
+                }
+                (Some(Want::Struct(child)), STRUCT) => self.structure(child, depth + 1)?,
+                (Some(Want::List(elem, child)), LIST) => self.list(Some((elem, child)), depth)?,
+                _ => return None,
             }
         }
     }
 
-    fn value(&mut self, ty: u8, depth: usize) -> Option<()> {
+    /// A list or set; with `want`, its declared element type must be the one the reader
+    /// reads, and struct elements are walked as `want`'s struct.
+    fn list(&mut self, want: Option<(u8, Thrift)>, depth: usize) -> Option<()> {
+        let h = self.byte()?;
+        let mut n = (h >> 4) as u64;
+        if n == 15 {
+            n = self.varint()?;
+        }
+        if n > self.left() || n > MAX_LIST {
+            return None;
+        }
+        let (elem, child) = match want {
+            Some((elem, child)) if elem == h & 0x0f => (elem, child),
+            Some(_) => return None,
+            None => (h & 0x0f, Thrift::Any),
+        };
+        (0..n).try_for_each(|_| self.value(elem, child, depth + 1))
+    }
+
+    fn value(&mut self, ty: u8, child: Thrift, depth: usize) -> Option<()> {
         match ty {
             1..=3 => self.skip(1),
             4..=6 => self.varint().map(|_| ()),
@@ -216,34 +261,124 @@ impl Compact<'_> {
                 let n = self.varint()?;
                 self.skip(n)
             }
-            9 | 10 => {
-                let h = self.byte()?;
-                let mut n = (h >> 4) as u64;
-                if n == 15 {
-                    n = self.varint()?;
-                }
-                if n > self.left() {
-                    return None;
-                }
-                (0..n).try_for_each(|_| self.value(h & 0x0f, depth + 1))
-            }
+            LIST | 10 => self.list(None, depth),
             11 => {
                 let n = self.varint()?;
                 if n == 0 {
                     return Some(());
                 }
                 let kv = self.byte()?;
-                if n > self.left() / 2 {
+                if n > self.left() / 2 || n > MAX_LIST {
                     return None;
                 }
                 (0..n).try_for_each(|_| {
-                    self.value(kv >> 4, depth + 1)?;
-                    self.value(kv & 0x0f, depth + 1)
+                    self.value(kv >> 4, Thrift::Any, depth + 1)?;
+                    self.value(kv & 0x0f, Thrift::Any, depth + 1)
                 })
             }
-            12 => self.structure(depth + 1),
+            STRUCT => self.structure(child, depth + 1),
             _ => None,
         }
+    }
+}
+
+// Thrift compact wire types the footer check compares.
+const BOOL: u8 = 1;
+const I16: u8 = 4;
+const I32: u8 = 5;
+const I64: u8 = 6;
+const BIN: u8 = 8;
+const LIST: u8 = 9;
+const STRUCT: u8 = 12;
+
+/// What the parquet reader reads a field as.
+#[derive(Clone, Copy)]
+enum Want {
+    One(u8),
+    Struct(Thrift),
+    /// Element wire type, and the element struct when it is one.
+    List(u8, Thrift),
+}
+
+/// The footer's structs whose fields the reader reads as lists (or holds such a struct), from
+/// parquet.thrift as parquet 56 decodes it; `Any` is walked by wire types alone (the rest:
+/// logical types, bounding boxes, empty unions, which hold no list).
+#[derive(Clone, Copy)]
+enum Thrift {
+    File,
+    Schema,
+    RowGroup,
+    Sorting,
+    ColumnOrder,
+    Encryption,
+    Aes,
+    Chunk,
+    Crypto,
+    ColumnKey,
+    ColumnMeta,
+    KeyValue,
+    Stats,
+    PageStats,
+    SizeStats,
+    Geo,
+    Any,
+}
+
+impl Thrift {
+    fn field(self, id: i64) -> Option<Want> {
+        use Thrift::*;
+        use Want::{List as L, One, Struct as St};
+        Some(match (self, id) {
+            (File, 1) => One(I32),
+            (File, 2) => L(STRUCT, Schema),
+            (File, 3) => One(I64),
+            (File, 4) => L(STRUCT, RowGroup),
+            (File, 5) => L(STRUCT, KeyValue),
+            (File, 6 | 9) => One(BIN),
+            (File, 7) => L(STRUCT, ColumnOrder),
+            (File, 8) => St(Encryption),
+            (Schema, 1 | 2 | 3 | 5 | 6 | 7 | 8 | 9) => One(I32),
+            (Schema, 4) => One(BIN),
+            (Schema, 10) => St(Any),
+            (RowGroup, 1) => L(STRUCT, Chunk),
+            (RowGroup, 2 | 3 | 5 | 6) => One(I64),
+            (RowGroup, 4) => L(STRUCT, Sorting),
+            (RowGroup, 7) => One(I16),
+            (Sorting, 1) => One(I32),
+            (Sorting, 2 | 3) => One(BOOL),
+            (ColumnOrder, 1) => St(Any),
+            (Encryption, 1 | 2) => St(Aes),
+            (Aes, 1 | 2) => One(BIN),
+            (Aes, 3) => One(BOOL),
+            (Chunk, 1 | 9) => One(BIN),
+            (Chunk, 2 | 4 | 6) => One(I64),
+            (Chunk, 3) => St(ColumnMeta),
+            (Chunk, 5 | 7) => One(I32),
+            (Chunk, 8) => St(Crypto),
+            (Crypto, 1) => St(Any),
+            (Crypto, 2) => St(ColumnKey),
+            (ColumnKey, 1) => L(BIN, Any),
+            (ColumnKey, 2) => One(BIN),
+            (ColumnMeta, 1 | 4 | 15) => One(I32),
+            (ColumnMeta, 2) => L(I32, Any),
+            (ColumnMeta, 3) => L(BIN, Any),
+            (ColumnMeta, 5 | 6 | 7 | 9 | 10 | 11 | 14) => One(I64),
+            (ColumnMeta, 8) => L(STRUCT, KeyValue),
+            (ColumnMeta, 12) => St(Stats),
+            (ColumnMeta, 13) => L(STRUCT, PageStats),
+            (ColumnMeta, 16) => St(SizeStats),
+            (ColumnMeta, 17) => St(Geo),
+            (KeyValue, 1 | 2) => One(BIN),
+            (Stats, 1 | 2 | 5 | 6) => One(BIN),
+            (Stats, 3 | 4) => One(I64),
+            (Stats, 7 | 8) => One(BOOL),
+            (PageStats, 1..=3) => One(I32),
+            (SizeStats, 1) => One(I64),
+            (SizeStats, 2 | 3) => L(I64, Any),
+            (Geo, 1) => St(Any),
+            (Geo, 2) => L(I32, Any),
+            _ => return None,
+        })
     }
 }
 
@@ -473,6 +608,16 @@ mod tests {
                 .to_str()
                 .unwrap(),
             "prompt",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("malformed footer"), "{e}");
+        // The second one `just fuzz` found: a list of millions of one-byte structs, each read
+        // into a struct of KB (25.7 GB asked for).
+        let e = read_teacher(
+            dir.join("malformed_many_small_structs.parquet")
+                .to_str()
+                .unwrap(),
         )
         .unwrap_err()
         .to_string();
