@@ -191,8 +191,8 @@ unsafe fn load16_masked_512<const K: u8>(row: *const u8, i: usize, lanes: __mmas
     }
 }
 
-/// The `m` rows in blocks of at most [`MAX_ROWS_512`], as equal as they can be (9 rows are
-/// 5 + 4, not 5 + 3 + 1): a small last block has too few accumulators to cover the FMA
+/// The `m` rows in blocks of at most [`MAX_ROWS_512`], as equal as they can be (11 rows are
+/// 4 + 4 + 3, not 5 + 5 + 1): a small last block has too few accumulators to cover the FMA
 /// latency.
 #[target_feature(enable = "avx512f")]
 #[inline]

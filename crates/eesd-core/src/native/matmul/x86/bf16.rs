@@ -543,8 +543,8 @@ unsafe fn block_em512_n<const NO: usize>(
 /// from 64 rows on, where the rows no longer fit in L1.)
 const MAX_ROWS_EM512: usize = 5;
 
-/// The `m` rows in blocks of at most [`MAX_ROWS_EM512`], as equal as they can be (9 rows are
-/// 5 + 4, not 5 + 3 + 1): a small last block has too few accumulators to cover the FMA
+/// The `m` rows in blocks of at most [`MAX_ROWS_EM512`], as equal as they can be (11 rows are
+/// 4 + 4 + 3, not 5 + 5 + 1): a small last block has too few accumulators to cover the FMA
 /// latency.
 #[target_feature(enable = "avx512f")]
 #[inline]
