@@ -83,16 +83,21 @@ def ours(binary, model, pfile, n_prompts, n, dtype, kernels):
         return json.load(open(out.name))
 
 
-def llama_cpp(bench, work, gguf, n):
-    """tok/s of llama-bench's tg test for f32, f16 (the GGUF dequantised) and the GGUF itself."""
+def dequantised(work, gguf):
+    """[(kind, path)] of the GGUF's weights rewritten as f32 and f16 GGUFs under `work` (made once)."""
     files = []
     for kind in ("f32", "f16"):
         path = os.path.join(work, f"model-{kind}.gguf")
         if not os.path.exists(path):
             subprocess.run([sys.executable, os.path.join(PEERS, "gguf_dequant.py"), gguf, path, kind],
                            check=True, stdout=subprocess.DEVNULL)
-        files.append(path)
-    files.append(gguf)
+        files.append((kind, path))
+    return files
+
+
+def llama_cpp(bench, work, gguf, n):
+    """tok/s of llama-bench's tg test for f32, f16 (the GGUF dequantised) and the GGUF itself."""
+    files = [path for _, path in dequantised(work, gguf)] + [gguf]
     cmd = [bench, "-t", str(torch.get_num_threads()), "-p", "0", "-n", str(n), "-r", "1", "-o", "json"]
     for f in files:
         cmd += ["-m", f]

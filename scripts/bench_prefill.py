@@ -30,10 +30,9 @@ import time
 
 from transformers import AutoTokenizer
 
-from bench_decode import cpu_name
+from bench_decode import cpu_name, dequantised
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-PEERS = os.path.join(ROOT, "..", "shared", "peers")
 TEXT = os.path.join(ROOT, "README.md")
 
 
@@ -65,15 +64,8 @@ def ours(binary, model, path, dtype):
 
 def llama_cpp(bench, work, gguf, lengths):
     """{(width, n): prompt tok/s} of llama-bench's pp test on f32 and f16 weights."""
-    files = []
-    for kind in ("f32", "f16"):
-        path = os.path.join(work, f"model-{kind}.gguf")
-        if not os.path.exists(path):
-            subprocess.run([sys.executable, os.path.join(PEERS, "gguf_dequant.py"), gguf, path, kind],
-                           check=True, stdout=subprocess.DEVNULL)
-        files.append((kind, path))
     res = {}
-    for kind, path in files:
+    for kind, path in dequantised(work, gguf):
         cmd = [bench, "-t", str(os.cpu_count()), "-p", ",".join(map(str, lengths)), "-n", "0", "-r", "1",
                "-o", "json", "-m", path]
         for r in json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout):

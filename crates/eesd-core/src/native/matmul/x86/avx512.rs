@@ -191,9 +191,7 @@ unsafe fn load16_masked_512<const K: u8>(row: *const u8, i: usize, lanes: __mmas
     }
 }
 
-/// The `m` rows in blocks of at most [`MAX_ROWS_512`], as equal as they can be (11 rows are
-/// 4 + 4 + 3, not 5 + 5 + 1): a small last block has too few accumulators to cover the FMA
-/// latency.
+/// The `m` rows in [`row_blocks`] of at most [`MAX_ROWS_512`].
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub(super) unsafe fn rows_512<const K: u8, const NO: usize>(
@@ -203,10 +201,7 @@ pub(super) unsafe fn rows_512<const K: u8, const NO: usize>(
     j: usize,
     y: *mut f32,
 ) {
-    let blocks = m.div_ceil(MAX_ROWS_512);
-    let mut r = 0;
-    for b in 0..blocks {
-        let nr = m / blocks + usize::from(b < m % blocks);
+    for (r, nr) in row_blocks(m, MAX_ROWS_512) {
         match nr {
             5 => block_512::<K, NO, 5>(x, w, j, r, y),
             4 => block_512::<K, NO, 4>(x, w, j, r, y),
@@ -214,7 +209,6 @@ pub(super) unsafe fn rows_512<const K: u8, const NO: usize>(
             2 => block_512::<K, NO, 2>(x, w, j, r, y),
             _ => block_512::<K, NO, 1>(x, w, j, r, y),
         }
-        r += nr;
     }
 }
 

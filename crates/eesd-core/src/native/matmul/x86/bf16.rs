@@ -442,9 +442,7 @@ unsafe fn block_em512_n<const NO: usize>(
 /// from 64 rows on, where the rows no longer fit in L1.)
 const MAX_ROWS_EM512: usize = 5;
 
-/// The `m` rows in blocks of at most [`MAX_ROWS_EM512`], as equal as they can be (11 rows are
-/// 4 + 4 + 3, not 5 + 5 + 1): a small last block has too few accumulators to cover the FMA
-/// latency.
+/// The `m` rows in [`row_blocks`] of at most [`MAX_ROWS_EM512`].
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn rows_em512<const NO: usize>(
@@ -455,12 +453,8 @@ unsafe fn rows_em512<const NO: usize>(
     j: usize,
     y: *mut f32,
 ) {
-    let blocks = m.div_ceil(MAX_ROWS_EM512);
-    let mut r = 0;
-    for b in 0..blocks {
-        let nr = m / blocks + usize::from(b < m % blocks);
+    for (r, nr) in row_blocks(m, MAX_ROWS_EM512) {
         block_em512_n::<NO>(xs, kp, nr, w, j, r, y);
-        r += nr;
     }
 }
 
@@ -496,19 +490,13 @@ pub(in crate::native::matmul) unsafe fn range_em512(
         // other order (every block over 4 outputs before the next 4) re-reads all the rows
         // from L2 for every 4 outputs: twice the L2 traffic per multiply-add.
         let tile = (EM512_TILE_BYTES / (2 * w.k)).max(4) / 4 * 4;
-        let blocks = m.div_ceil(MAX_ROWS_EM512);
         let mut t0 = j;
         while t0 < end4 {
             let t1 = (t0 + tile).min(end4);
-            let mut r = 0;
-            for b in 0..blocks {
-                let nr = m / blocks + usize::from(b < m % blocks);
-                let mut jj = t0;
-                while jj < t1 {
+            for (r, nr) in row_blocks(m, MAX_ROWS_EM512) {
+                for jj in (t0..t1).step_by(4) {
                     block_em512_n::<4>(xs, kp, nr, w, jj, r, y);
-                    jj += 4;
                 }
-                r += nr;
             }
             t0 = t1;
         }

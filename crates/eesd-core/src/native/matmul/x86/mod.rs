@@ -38,6 +38,18 @@ pub(super) unsafe fn tail<T: Copy + Default, const N: usize>(p: *const T, rem: u
     b
 }
 
+/// `m` rows as `(first row, rows)` blocks of at most `max`, as equal as they can be (11 rows
+/// at most 5 are 4 + 4 + 3, not 5 + 5 + 1): a small last block has too few accumulators to
+/// cover the FMA latency.
+pub(super) fn row_blocks(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    let blocks = m.div_ceil(max);
+    (0..blocks).scan(0, move |r0, b| {
+        let nr = m / blocks + usize::from(b < m % blocks);
+        *r0 += nr;
+        Some((*r0 - nr, nr))
+    })
+}
+
 /// Where to prefetch while a block of `bytes` bytes from `row0` is computed in `iters`
 /// iterations: the next block, spread evenly (cache lines per iteration). Prefetching past
 /// the end of the matrix is harmless (prefetches never fault). Only the `first` block of rows
