@@ -53,15 +53,9 @@ pub fn synchronize(device: Device) {
     }
 }
 
-/// Whether the frozen base's passes run on the native CPU kernels (`crate::native`): `--kernels
-/// native` or `torch`; by default native on the CPU and torch on CUDA. Checked before any model
-/// loads; `device` is the `--device` flag.
-pub fn base_on_native(kernels: Option<&str>, device: Option<&str>) -> Result<bool> {
-    // The flag as written (whether the device exists is checked where the model loads).
-    let cpu = match device {
-        None => !tch::Cuda::is_available(),
-        Some(d) => d == "cpu",
-    };
+/// Whether the native CPU kernels (`crate::native`) run a model on a CPU (`cpu`) or not, from
+/// the `--kernels` flag: native or torch, by default native on the CPU and torch on CUDA.
+pub fn native_kernels(kernels: Option<&str>, cpu: bool) -> Result<bool> {
     match kernels {
         None => Ok(cpu),
         Some("torch") => Ok(false),
@@ -73,6 +67,16 @@ pub fn base_on_native(kernels: Option<&str>, device: Option<&str>) -> Result<boo
             "bad --kernels `{k}`: expected native or torch"
         ))),
     }
+}
+
+/// [`native_kernels`] for the frozen base of eesd-train, from the `--device` flag as written
+/// (whether the device exists is checked where the model loads), before any model loads.
+pub fn base_on_native(kernels: Option<&str>, device: Option<&str>) -> Result<bool> {
+    let cpu = match device {
+        None => !tch::Cuda::is_available(),
+        Some(d) => d == "cpu",
+    };
+    native_kernels(kernels, cpu)
 }
 
 #[cfg(test)]

@@ -31,17 +31,12 @@ pub enum Kernels {
 impl Kernels {
     /// `native` or `torch`; `None` picks native on CPU and torch on CUDA.
     pub fn parse(spec: Option<&str>, device: Device) -> Result<Self> {
-        match spec {
-            None if device == Device::Cpu => Ok(Kernels::Native),
-            None | Some("torch") => Ok(Kernels::Torch),
-            Some("native") if device == Device::Cpu => Ok(Kernels::Native),
-            Some("native") => Err(Error::Input(
-                "--kernels native runs on the CPU only; use --kernels torch on CUDA".into(),
-            )),
-            Some(s) => Err(Error::Input(format!(
-                "bad kernels `{s}`: expected native or torch"
-            ))),
-        }
+        let native = eesd_core::device::native_kernels(spec, device == Device::Cpu)?;
+        Ok(if native {
+            Kernels::Native
+        } else {
+            Kernels::Torch
+        })
     }
 }
 
