@@ -248,6 +248,19 @@ fn bf16_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
+/// `src` (at most k values) rounded by [`to_bf16`] into `dst` as the emulation kernels read it:
+/// per chunk of 32, the odd elements' values then the even elements', zero beyond `src`
+/// (`dst` holds `src.len()` rounded up to 32 values).
+pub fn split_scalar(src: &[f32], dst: &mut [f32]) {
+    for (c, out) in dst.chunks_exact_mut(32).enumerate() {
+        let v = |i: usize| src.get(32 * c + i).map_or(0.0, |&x| bf16_f32(to_bf16(x)));
+        for l in 0..16 {
+            out[l] = v(2 * l + 1);
+            out[16 + l] = v(2 * l);
+        }
+    }
+}
+
 /// The reference for one element, `sum_i W[j, i] x[i]` in the dtype's fixed order.
 pub fn dot_scalar(w: &WeightView, j: usize, x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -329,7 +342,24 @@ impl<'a> Prepared<'a> {
             Rows::Borrowed(x)
         };
         let (mut bf16, mut split) = (Aligned::zeroed(0), Aligned::zeroed(0));
-        if bf16_weights {
+        if bf16_weights && (isa == Isa::Avx2 || isa == Isa::Avx512) {
+            // The emulation kernels read only the split rows.
+            split = Aligned::zeroed(m * kp);
+            for r in 0..m {
+                let (src, dst) = (&x[r * k..(r + 1) * k], &mut split[r * kp..(r + 1) * kp]);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the instruction set was detected; dst has kp >= k elements.
+                unsafe {
+                    if isa == Isa::Avx512 {
+                        x86::split_avx512(src, dst)
+                    } else {
+                        x86::split_avx2(src, dst)
+                    }
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                split_scalar(src, dst);
+            }
+        } else if bf16_weights {
             bf16 = Aligned::zeroed(m * kp);
             for r in 0..m {
                 let (dst, src) = (&mut bf16[r * kp..r * kp + k], &x[r * k..(r + 1) * k]);
@@ -341,19 +371,6 @@ impl<'a> Prepared<'a> {
                 }
                 for (d, s) in dst.iter_mut().zip(src) {
                     *d = to_bf16(*s);
-                }
-            }
-            if isa == Isa::Avx2 || isa == Isa::Avx512 {
-                split = Aligned::zeroed(m * kp);
-                for r in 0..m {
-                    for c in 0..kp / 32 {
-                        let src = &bf16[r * kp + 32 * c..][..32];
-                        let dst = &mut split[r * kp + 32 * c..][..32];
-                        for l in 0..16 {
-                            dst[l] = bf16_f32(src[2 * l + 1]);
-                            dst[16 + l] = bf16_f32(src[2 * l]);
-                        }
-                    }
                 }
             }
         }
@@ -570,6 +587,64 @@ mod tests {
         (0..m * k)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32))
             .collect()
+    }
+
+    /// The vector rounding and split of the emulation kernels' rows gives the scalar
+    /// definition's bits for every kind of value: ties either way, subnormals, signed zeros,
+    /// infinities, NaNs, values that round up to infinity, and a ragged tail.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_split_equals_scalar() {
+        let special = [
+            0x0000_0000u32,
+            0x8000_0000,
+            0x0000_0001,
+            0x807f_ffff,
+            0x0080_0000,
+            0x3f80_8000, // a tie, even below: stays
+            0x3f81_8000, // a tie, odd below: rounds up
+            0x3f80_8001,
+            0x7f7f_ffff, // rounds to infinity
+            0xff7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001, // a signalling NaN
+            0xffff_ffff,
+        ];
+        let mut s = 12345u32;
+        let src: Vec<f32> = (0..32 * 9 + 13)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                f32::from_bits(if i % 3 == 0 {
+                    special[i / 3 % special.len()]
+                } else {
+                    s
+                })
+            })
+            .collect();
+        let kp = src.len().div_ceil(32) * 32;
+        let mut want = vec![0f32; kp];
+        split_scalar(&src, &mut want);
+        for isa in [Isa::Avx512, Isa::Avx2] {
+            if !isa.available() {
+                continue;
+            }
+            let mut got = vec![f32::NAN; kp];
+            // SAFETY: the instruction set is available; got holds kp >= src.len() values.
+            unsafe {
+                if isa == Isa::Avx512 {
+                    x86::split_avx512(&src, &mut got)
+                } else {
+                    x86::split_avx2(&src, &mut got)
+                }
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "{isa:?} element {i}");
+            }
+        }
     }
 
     /// Every row of a 1..=16-row product equals the same row computed alone, bit for bit, on

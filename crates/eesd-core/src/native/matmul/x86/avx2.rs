@@ -57,13 +57,11 @@ pub(super) unsafe fn block_256<const K: u8, const NO: usize, const NR: usize>(
     let row0 = w.row_ptr(j);
     let stride = k * w.kind.bytes();
     let x0 = x.as_ptr().add(r0 * k);
-    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 16, r0 == 0);
+    let pf = Prefetch::ahead(row0, NO * stride, full / 16, r0 == 0);
     let mut i = 0;
     let mut it = 0;
     while i < full {
-        for l in 0..pf_lines {
-            _mm_prefetch::<_MM_HINT_T0>(pf.add((it * pf_lines + l) * 64) as *const i8);
-        }
+        pf.issue(it);
         it += 1;
         let mut wv = [(z, z); NO];
         for (o, v) in wv.iter_mut().enumerate() {

@@ -142,13 +142,11 @@ pub(super) unsafe fn block_512<const K: u8, const NO: usize, const NR: usize>(
     let x0 = x.as_ptr().add(r0 * k);
     // The block's NO rows are one contiguous region, but too short (a few KB) for the
     // hardware prefetcher to find: fetch the next block while this one computes.
-    let (pf, pf_lines) = prefetch_plan(row0, NO * stride, full / 16, r0 == 0);
+    let pf = Prefetch::ahead(row0, NO * stride, full / 16, r0 == 0);
     let mut i = 0;
     let mut it = 0;
     while i < full {
-        for l in 0..pf_lines {
-            _mm_prefetch::<_MM_HINT_T0>(pf.add((it * pf_lines + l) * 64) as *const i8);
-        }
+        pf.issue(it);
         it += 1;
         let mut wv = [_mm512_setzero_ps(); NO];
         for (o, v) in wv.iter_mut().enumerate() {

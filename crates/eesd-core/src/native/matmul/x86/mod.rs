@@ -1,6 +1,7 @@
 //! The x86-64 kernels, one file per instruction-set family; each computes the sums the
 //! module doc of [`super`] defines, bit for bit, and the tests compare every family with the
-//! scalar definition. Shared here: tail chunks, the prefetch plan, the FMA kernels' dtype codes.
+//! scalar definition. Shared here: tail chunks, row blocks, prefetches, the FMA kernels' dtype
+//! codes.
 
 // Register-blocked loops index several arrays with the same counters; iterators would hide it.
 #![allow(clippy::needless_range_loop)]
@@ -17,7 +18,9 @@ use {avx512::*, bf16::*};
 pub(super) use amx::{amx_ready, range_amx};
 pub(super) use avx2::range_avx2;
 pub(super) use avx512::range_avx512;
-pub(super) use bf16::{range_dp256, range_dp512, range_em512, to_bf16_avx512};
+pub(super) use bf16::{
+    range_dp256, range_dp512, range_em512, split_avx2, split_avx512, to_bf16_avx512,
+};
 
 pub(super) use super::{WKind, WeightView};
 pub(super) use std::arch::asm;
@@ -50,20 +53,43 @@ pub(super) fn row_blocks(m: usize, max: usize) -> impl Iterator<Item = (usize, u
     })
 }
 
-/// Where to prefetch while a block of `bytes` bytes from `row0` is computed in `iters`
-/// iterations: the next block, spread evenly (cache lines per iteration). Prefetching past
-/// the end of the matrix is harmless (prefetches never fault). Only the `first` block of rows
-/// over these weights prefetches: the later ones would issue the same prefetches again, and
-/// with many rows they took a third of the load slots for lines already in L1.
-#[inline]
-pub(super) fn prefetch_plan(
-    row0: *const u8,
-    bytes: usize,
-    iters: usize,
-    first: bool,
-) -> (*const u8, usize) {
-    let lines = if first { bytes.div_ceil(64) } else { 0 };
-    (row0.wrapping_add(bytes), lines.div_ceil(iters.max(1)))
+/// Software prefetches a block kernel issues while it computes: `lines` cache lines per
+/// chunk iteration from `from` on (consecutive lines), into L1 (`far` false) or L2.
+#[derive(Clone, Copy)]
+pub(super) struct Prefetch {
+    pub from: *const u8,
+    pub lines: usize,
+    pub far: bool,
+}
+
+impl Prefetch {
+    /// While a block of `bytes` bytes from `row0` is computed in `iters` iterations: the
+    /// next block, spread evenly, into L1. Only the `first` block of rows over these weights
+    /// prefetches: the later ones would issue the same prefetches again, and with many rows
+    /// they took a third of the load slots for lines already in L1.
+    #[inline]
+    pub fn ahead(row0: *const u8, bytes: usize, iters: usize, first: bool) -> Self {
+        let lines = if first { bytes.div_ceil(64) } else { 0 };
+        Prefetch {
+            from: row0.wrapping_add(bytes),
+            lines: lines.div_ceil(iters.max(1)),
+            far: false,
+        }
+    }
+
+    /// Iteration `it`'s prefetches (prefetches never fault, so addresses past the matrix
+    /// are harmless).
+    #[inline(always)]
+    pub unsafe fn issue(&self, it: usize) {
+        for l in 0..self.lines {
+            let p = self.from.wrapping_add((it * self.lines + l) * 64) as *const i8;
+            if self.far {
+                _mm_prefetch::<_MM_HINT_T1>(p);
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(p);
+            }
+        }
+    }
 }
 
 // The FMA kernels' weight dtypes as const generics, so the inner loops carry no dtype
