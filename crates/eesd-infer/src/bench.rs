@@ -443,28 +443,39 @@ pub mod kernels {
                     t[2].push(decode_pass(&model, &native, m, context, 3));
                 }
             }
+            // Each row count's cost relative to one row, per round (the two were measured
+            // seconds apart), then the median over rounds: a drift between rounds cancels.
+            let first = rows.iter().position(|&m| m == 1);
+            let rel = |t: &[Vec<f64>; 3], c: usize| match first {
+                Some(f) => median(
+                    t[c].iter()
+                        .zip(&times[f][c])
+                        .map(|(a, b)| a / b.max(1e-12))
+                        .collect(),
+                ),
+                None => f64::NAN,
+            };
             let mut one = (0.0, 0.0, 0.0);
-            for (&m, t) in rows.iter().zip(times) {
-                let [nat, tor, dec] = t.map(median);
+            for (&m, t) in rows.iter().zip(times.iter()) {
+                let (rn, rt, rd) = (rel(t, 0), rel(t, 1), rel(t, 2));
+                let [nat, tor, dec] = t.clone().map(median);
                 if m == 1 {
                     one = (nat, tor, dec);
                 }
                 eprintln!(
-                    "{kind:?} {m:>2} rows: native {:6.2} ms (x{:.2} of 1 row; roofline x{:.2}, \
-                     {:.0}% of it), torch {:6.2} ms (x{:.2}), decode pass at {context} {:6.2} ms (x{:.2})",
+                    "{kind:?} {m:>2} rows: native {:6.2} ms (x{rn:.2} of 1 row; roofline x{:.2}, \
+                     {:.0}% of it), torch {:6.2} ms (x{rt:.2}), decode pass at {context} {:6.2} ms (x{rd:.2})",
                     nat * 1e3,
-                    nat / one.0.max(1e-12),
                     roof(m) / roof(1),
                     100.0 * roof(m) / nat,
                     tor * 1e3,
-                    tor / one.1.max(1e-12),
                     dec * 1e3,
-                    dec / one.2.max(1e-12),
                 );
                 per_rows.push(serde_json::json!({
                     "rows": m, "native_ms": nat * 1e3, "torch_ms": tor * 1e3,
                     "roofline_ms": roof(m) * 1e3,
                     "decode_pass_ms": dec * 1e3,
+                    "native_x_one_row": rn, "torch_x_one_row": rt, "decode_pass_x_one_row": rd,
                 }));
             }
             eprintln!(
