@@ -97,6 +97,11 @@ pub struct ValueRows {
 /// `j = 0, 1, ...` on a zeroed row, so a query row gets the same bits alone or with others
 /// (issue 7), however the rows are blocked.
 ///
+/// A blocked [`weighted_rows`] kernel for some rows and a block of columns: `(out, first
+/// column, p, p's row stride, the rows' lengths, the value rows)`.
+#[cfg(target_arch = "x86_64")]
+type BlockFn = unsafe fn(*mut f32, usize, &[f32], usize, &[usize], &ValueRows);
+
 /// # Safety
 /// `v` must hold `max(lens)` readable rows; `out` is `[lens.len(), hd]`.
 pub unsafe fn weighted_rows(
@@ -112,36 +117,37 @@ pub unsafe fn weighted_rows(
     for (r, &len) in lens.iter().enumerate() {
         assert!(len == 0 || r * p_stride + len <= p.len(), "p holds row {r}");
     }
+    // The blocked kernels: (columns per call, the kernel for 1..=4 rows).
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx) && hd.is_multiple_of(64) {
+    let blocked: Option<(usize, [BlockFn; 4])> = match isa {
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => Some((
+            64,
+            [
+                x86::weighted_rows_512::<1>,
+                x86::weighted_rows_512::<2>,
+                x86::weighted_rows_512::<3>,
+                x86::weighted_rows_512::<4>,
+            ],
+        )),
+        Isa::Avx2 => Some((
+            16,
+            [
+                x86::weighted_rows_256::<1>,
+                x86::weighted_rows_256::<2>,
+                x86::weighted_rows_256::<3>,
+                x86::weighted_rows_256::<4>,
+            ],
+        )),
+        Isa::Scalar => None,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let Some((cols, kernels)) = blocked.filter(|(cols, _)| hd.is_multiple_of(*cols)) {
         let o = out.as_mut_ptr();
         for r0 in (0..rows).step_by(4) {
             let n = (rows - r0).min(4);
             let (ls, pr, o) = (&lens[r0..r0 + n], &p[r0 * p_stride..], o.add(r0 * hd));
-            for col in (0..hd).step_by(64) {
-                match n {
-                    1 => x86::weighted_rows_512::<1>(o, col, pr, p_stride, ls, v),
-                    2 => x86::weighted_rows_512::<2>(o, col, pr, p_stride, ls, v),
-                    3 => x86::weighted_rows_512::<3>(o, col, pr, p_stride, ls, v),
-                    _ => x86::weighted_rows_512::<4>(o, col, pr, p_stride, ls, v),
-                }
-            }
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && hd.is_multiple_of(16) {
-        let o = out.as_mut_ptr();
-        for r0 in (0..rows).step_by(4) {
-            let n = (rows - r0).min(4);
-            let (ls, pr, o) = (&lens[r0..r0 + n], &p[r0 * p_stride..], o.add(r0 * hd));
-            for col in (0..hd).step_by(16) {
-                match n {
-                    1 => x86::weighted_rows_256::<1>(o, col, pr, p_stride, ls, v),
-                    2 => x86::weighted_rows_256::<2>(o, col, pr, p_stride, ls, v),
-                    3 => x86::weighted_rows_256::<3>(o, col, pr, p_stride, ls, v),
-                    _ => x86::weighted_rows_256::<4>(o, col, pr, p_stride, ls, v),
-                }
+            for col in (0..hd).step_by(cols) {
+                kernels[n - 1](o, col, pr, p_stride, ls, v);
             }
         }
         return;
@@ -298,56 +304,75 @@ mod x86 {
         }
     }
 
-    /// [`super::weighted_rows`] for `R` rows (1..=4) and the 64 columns from `col`: 4 R
-    /// accumulators stay in registers over every position (the per-position [`axpy`] round
-    /// trip through memory was the latency bound of attention), each value chunk is loaded
-    /// once for all R rows, and each element still takes one fma per position in order.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn weighted_rows_512<const R: usize>(
-        out: *mut f32,
-        col: usize,
-        p: &[f32],
-        p_stride: usize,
-        lens: &[usize],
-        v: &ValueRows,
-    ) {
-        let (hd, kind) = (v.hd, v.kind);
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        let lo = lens[..R].iter().copied().min().unwrap_or(0);
-        let hi = lens[..R].iter().copied().max().unwrap_or(0);
-        let row = |j: usize| v.ptr.add((j * hd + col) * kind.bytes());
-        for j in 0..lo {
-            let vr = row(j);
-            let vv = [
-                load16_512(vr, kind, 0),
-                load16_512(vr, kind, 16),
-                load16_512(vr, kind, 32),
-                load16_512(vr, kind, 48),
-            ];
-            for (r, a) in acc.iter_mut().enumerate() {
-                let pr = _mm512_set1_ps(*p.get_unchecked(r * p_stride + j));
-                for c in 0..4 {
-                    a[c] = _mm512_fmadd_ps(pr, vv[c], a[c]);
+    /// The blocked [`super::weighted_rows`] kernel for `R` rows (1..=4) and `C` vectors of
+    /// columns from `col`: `C x R` accumulators stay in registers over every position (the
+    /// per-position [`axpy`] round trip through memory was the latency bound of attention),
+    /// each value chunk is loaded once for all R rows, and each element still takes one fma
+    /// per position in order. One body for both vector widths; `$load` widens a value chunk.
+    macro_rules! weighted_rows_kernel {
+        ($(#[$doc:meta])* $name:ident, $feature:literal, $c:literal, $lanes:literal,
+         $zero:ident, $set1:ident, $fma:ident, $store:ident, $load:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name<const R: usize>(
+                out: *mut f32,
+                col: usize,
+                p: &[f32],
+                p_stride: usize,
+                lens: &[usize],
+                v: &ValueRows,
+            ) {
+                let (hd, kind) = (v.hd, v.kind);
+                let mut acc = [[$zero(); $c]; R];
+                let lo = lens[..R].iter().copied().min().unwrap_or(0);
+                let hi = lens[..R].iter().copied().max().unwrap_or(0);
+                let row = |j: usize| v.ptr.add((j * hd + col) * kind.bytes());
+                for j in 0..lo {
+                    let vr = row(j);
+                    let mut vv = [$zero(); $c];
+                    for (c, x) in vv.iter_mut().enumerate() {
+                        *x = $load(vr, kind, $lanes * c);
+                    }
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let pr = $set1(*p.get_unchecked(r * p_stride + j));
+                        for c in 0..$c {
+                            a[c] = $fma(pr, vv[c], a[c]);
+                        }
+                    }
                 }
-            }
-        }
-        for j in lo..hi {
-            let vr = row(j);
-            for (r, a) in acc.iter_mut().enumerate() {
-                if j < lens[r] {
-                    let pr = _mm512_set1_ps(*p.get_unchecked(r * p_stride + j));
-                    for (c, ac) in a.iter_mut().enumerate() {
-                        *ac = _mm512_fmadd_ps(pr, load16_512(vr, kind, 16 * c), *ac);
+                for j in lo..hi {
+                    let vr = row(j);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        if j < lens[r] {
+                            let pr = $set1(*p.get_unchecked(r * p_stride + j));
+                            for (c, ac) in a.iter_mut().enumerate() {
+                                *ac = $fma(pr, $load(vr, kind, $lanes * c), *ac);
+                            }
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    for (c, ac) in a.iter().enumerate() {
+                        $store(out.add(r * hd + col + $lanes * c), *ac);
                     }
                 }
             }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for (c, ac) in a.iter().enumerate() {
-                _mm512_storeu_ps(out.add(r * hd + col + 16 * c), *ac);
-            }
-        }
+        };
     }
+
+    weighted_rows_kernel!(
+        /// 64 columns (4 x 16 lanes) on AVX-512.
+        weighted_rows_512, "avx512f", 4, 16,
+        _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps, load16_512
+    );
+
+    weighted_rows_kernel!(
+        /// 16 columns (2 x 8 lanes) on AVX2, 2 R of the 16 registers. Per-position [`axpy`]
+        /// was a quarter of a long prompt's prefill there (a load and a store of every
+        /// accumulator per position; 2,048 tokens, AVX2 forced on 2026-12-01's Intel host).
+        weighted_rows_256, "avx2,fma,f16c", 2, 8,
+        _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps, load8_256
+    );
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn axpy_512(acc: &mut [f32], a: f32, v: *const u8, kind: WKind) {
@@ -445,51 +470,6 @@ mod x86 {
             }
             WKind::F16 => {
                 _mm256_cvtph_ps(_mm_loadu_si128((p as *const u16).add(i) as *const __m128i))
-            }
-        }
-    }
-
-    /// [`weighted_rows_512`] on AVX2: `R` rows (1..=4) and the 16 columns from `col`, 2 R
-    /// accumulators (of the 16 registers) over every position. Per-position [`axpy`] was a
-    /// quarter of a long prompt's prefill there (a load and a store of every accumulator per
-    /// position, on a 2,048-token prompt with AVX2 forced on 2026-12-01's Intel host).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_rows_256<const R: usize>(
-        out: *mut f32,
-        col: usize,
-        p: &[f32],
-        p_stride: usize,
-        lens: &[usize],
-        v: &ValueRows,
-    ) {
-        let (hd, kind) = (v.hd, v.kind);
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let lo = lens[..R].iter().copied().min().unwrap_or(0);
-        let hi = lens[..R].iter().copied().max().unwrap_or(0);
-        let row = |j: usize| v.ptr.add((j * hd + col) * kind.bytes());
-        for j in 0..lo {
-            let vr = row(j);
-            let vv = [load8_256(vr, kind, 0), load8_256(vr, kind, 8)];
-            for (r, a) in acc.iter_mut().enumerate() {
-                let pr = _mm256_set1_ps(*p.get_unchecked(r * p_stride + j));
-                a[0] = _mm256_fmadd_ps(pr, vv[0], a[0]);
-                a[1] = _mm256_fmadd_ps(pr, vv[1], a[1]);
-            }
-        }
-        for j in lo..hi {
-            let vr = row(j);
-            for (r, a) in acc.iter_mut().enumerate() {
-                if j < lens[r] {
-                    let pr = _mm256_set1_ps(*p.get_unchecked(r * p_stride + j));
-                    for (c, ac) in a.iter_mut().enumerate() {
-                        *ac = _mm256_fmadd_ps(pr, load8_256(vr, kind, 8 * c), *ac);
-                    }
-                }
-            }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for (c, ac) in a.iter().enumerate() {
-                _mm256_storeu_ps(out.add(r * hd + col + 8 * c), *ac);
             }
         }
     }
