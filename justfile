@@ -94,15 +94,14 @@ lint:
 bench-decode rounds="3" prompts="4" tokens="64" llama="": build
     python scripts/bench_decode.py --model {{model}} --rounds {{rounds}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} {{ if llama != "" { "--llama-bench " + llama } else { "" } }} --out results/bench_decode.json
 
-# Native kernels vs torch: one pass of every weight product for 1-16 rows, per dtype (verify cost).
-# Prompt tok/s and TTFT at 128/512/2048 tokens in every dtype, vs llama.cpp's pp (llama=PATH/llama-bench)
-# and the measured multiply-add peak; JSON and a plot.
+# Prompt tok/s and TTFT at 128/512/2048 tokens, every dtype, vs llama.cpp pp (llama=PATH) and the FMA peak.
 bench-prefill rounds="3" llama="": build
     python scripts/bench_prefill.py --model {{model}} --rounds {{rounds}} {{ if llama != "" { "--llama-bench " + llama } else { "" } }} --out results/bench_prefill.json
     python scripts/plot.py prefill results/bench_prefill.json
 
-bench-kernels: build
-    {{bin}} bench-kernels --json-out results/bench_kernels.json
+# Verify cost: weight products of 1-16 rows per dtype as multiples of one row, vs torch and the roofline.
+bench-kernels reps="30": build
+    {{bin}} bench-kernels --reps {{reps}} --json-out results/bench_kernels.json
 
 # Fuzz every parser a user's file reaches (head.json, config.json, recipes, prompt files, parquet),
 # each for `seconds`, from the committed seeds (fuzz/seeds); needs the nightly toolchain, installs
