@@ -68,6 +68,13 @@ bench prompts="8" tokens="128": build
     {{bin}} bench --model {{model}} --head {{head}} {{evals}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} --temperature 0.7 --top-p 0.9 --controllers off,thompson,thompson-calibrated,confidence:0.5,fixed:1,fixed:2 --out results/sampled --force
     python scripts/plot.py bench results/bench.json
 
+# Drafts copied from the text (issue 21): plain, head, lookup and both, greedy (must be identical)
+# and sampled, on the grounded set (prompts that quote or edit a text) and the three benchmarks.
+bench-lookup prompts="8" tokens="128": build
+    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/grounded.parquet {{evals}} --num-prompts {{prompts}} --max-new-tokens {{tokens}} --max-prompt-tokens 512 --controllers off,thompson,thompson@lookup,thompson@head+lookup --out results/lookup --require-identical --force
+    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/grounded.parquet --num-prompts {{prompts}} --max-new-tokens {{tokens}} --max-prompt-tokens 512 --temperature 0.7 --top-p 0.9 --controllers off,thompson,thompson@lookup,thompson@head+lookup --out results/lookup/sampled --force
+    python scripts/plot.py bench results/lookup/bench.json
+
 # f32 decodes at about half bf16's speed here, so fewer controllers (5 minutes on 2 cores).
 # The greedy bench in f32 (the golden-test dtype): table, JSON, PNG under results/f32.
 bench-f32 prompts="8" tokens="128": build

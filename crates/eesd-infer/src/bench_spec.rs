@@ -3,7 +3,7 @@
 //! decoding through the same engine) measured in the same run.
 
 use crate::controller::Controller;
-use crate::engine::{Backend, Engine, GenerateOptions};
+use crate::engine::{Backend, DraftSources, Engine, GenerateOptions};
 use crate::stats::DecodeStats;
 use eesd_core::Result;
 use serde::Serialize;
@@ -57,12 +57,25 @@ pub fn controller_names(list: &str) -> std::result::Result<Vec<String>, String> 
         if names.iter().any(|m| m == n) {
             return Err(format!("--controllers lists `{n}` twice"));
         }
+        split_sources(n, DraftSources::HEAD)?;
         names.push(n.to_string());
     }
     if !names.iter().any(|n| n == "off") {
         names.insert(0, "off".into());
     }
     Ok(names)
+}
+
+/// A bench entry `NAME` or `NAME@SOURCES` (`thompson@lookup`, `thompson@head+lookup`): the
+/// controller's name and the draft sources its row runs with (`default` without a suffix).
+pub fn split_sources(
+    entry: &str,
+    default: DraftSources,
+) -> std::result::Result<(&str, DraftSources), String> {
+    match entry.split_once('@') {
+        Some((name, sources)) => Ok((name, DraftSources::parse(sources)?)),
+        None => Ok((entry, default)),
+    }
 }
 
 /// Rows whose greedy output differed from plain decoding, as "dataset controller: count".
@@ -100,31 +113,41 @@ pub struct Row {
 /// Runs `controllers` (built fresh per dataset by `make`) over every dataset. After each
 /// prompt `progress` sees a label and the rows so far (finished datasets, then the current one
 /// over the prompts it has run), so a caller can write results as they come.
+#[allow(clippy::too_many_arguments)]
 pub fn run<B: Backend>(
     engine: &mut Engine<B>,
     datasets: &[Dataset],
     names: &[String],
+    sources: DraftSources,
     make: &dyn Fn(&str) -> Result<Box<dyn Controller>>,
     opts: &GenerateOptions,
     mut progress: impl FnMut(&str, &[Row]) -> Result<()>,
 ) -> Result<Vec<Row>> {
+    let entries: Vec<(&str, DraftSources)> = names
+        .iter()
+        .map(|n| split_sources(n, sources).map_err(eesd_core::Error::Input))
+        .collect::<Result<_>>()?;
     // Warm-up: every controller once, short, so allocation and first-call costs stay out.
     if let Some((_, p)) = datasets.first().and_then(|d| d.prompts.first()) {
         let mut short = opts.clone();
         short.max_new_tokens = 16.min(opts.max_new_tokens);
-        for name in names {
+        for &(name, src) in &entries {
+            engine.sources = src;
             engine.generate(p, &short, make(name)?.as_mut(), |_| {})?;
         }
     }
     let mut rows = Vec::new();
     for d in datasets {
-        let mut ctrls: Vec<Box<dyn Controller>> =
-            names.iter().map(|n| make(n)).collect::<Result<_>>()?;
+        let mut ctrls: Vec<Box<dyn Controller>> = entries
+            .iter()
+            .map(|(n, _)| make(n))
+            .collect::<Result<_>>()?;
         let mut totals = vec![DecodeStats::default(); names.len()];
         let mut mismatches = vec![0usize; names.len()];
         for (id, prompt) in &d.prompts {
             let mut reference: Option<Vec<u32>> = None;
             for (i, c) in ctrls.iter_mut().enumerate() {
+                engine.sources = entries[i].1;
                 let g = engine.generate(prompt, opts, c.as_mut(), |_| {})?;
                 // Sampled outputs differ run to run by design; only greedy ones must be equal.
                 let greedy = opts.sampling.is_greedy();

@@ -5,6 +5,7 @@
 //! - [`engine`]: sequences, the round (draft, verify, commit), calibration.
 //! - [`backends`]: the native CPU kernels and torch.
 //! - [`controller`]: where the draft length is decided; [`cost`]: what a round costs.
+//! - [`lookup`]: drafts copied from the prompt and the text generated so far.
 //! - [`verify`]: acceptance of drafts against the base's distributions.
 pub mod backends;
 pub mod bench;
@@ -12,6 +13,7 @@ pub mod bench_spec;
 pub mod controller;
 pub mod cost;
 pub mod engine;
+pub mod lookup;
 pub mod prompts;
 pub mod stats;
 pub mod verify;

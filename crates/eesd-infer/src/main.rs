@@ -13,7 +13,7 @@ use eesd_core::sampling::SamplingParams;
 use eesd_infer::backends::Kernels;
 use eesd_infer::bench_spec;
 use eesd_infer::controller::{self, DEFAULT_MAX_DRAFT};
-use eesd_infer::engine::{Backend, Engine, GenerateOptions};
+use eesd_infer::engine::{Backend, DraftSources, Engine, GenerateOptions};
 use eesd_infer::prompts::{read_prompt_file, Prompt, TextStream};
 use eesd_infer::stats::DecodeStats;
 use eesd_infer::with_engine;
@@ -68,6 +68,26 @@ struct SpecArgs {
     /// Most draft tokens per round.
     #[arg(long, default_value_t = DEFAULT_MAX_DRAFT)]
     max_draft: usize,
+    /// Where drafts come from: head (the early-exit head's chain), lookup (tokens copied from
+    /// the prompt and the text so far: pays on prompts that quote or edit given text; needs no
+    /// head), or head,lookup (the copied tokens when a match is worth verifying, else the
+    /// head's) [default: head]
+    #[arg(long)]
+    draft_sources: Option<String>,
+}
+
+impl SpecArgs {
+    /// The draft sources, checked against the head before any work.
+    fn sources(&self) -> Result<DraftSources> {
+        let Some(s) = &self.draft_sources else {
+            return Ok(DraftSources::HEAD);
+        };
+        let sources = DraftSources::parse(s).map_err(anyhow::Error::msg)?;
+        if sources.head && self.head.is_none() {
+            bail!("--draft-sources {s}: the head source needs --head DIR (or use --draft-sources lookup)");
+        }
+        Ok(sources)
+    }
 }
 
 #[derive(Args)]
@@ -130,6 +150,8 @@ struct SpecBenchArgs {
     #[arg(long, default_value_t = 320)]
     max_prompt_tokens: usize,
     /// Comma-separated controllers; `off` is added when missing (speedups are against it).
+    /// `NAME@SOURCES` runs a controller with other draft sources than --draft-sources:
+    /// `thompson@lookup`, `thompson@head+lookup`.
     #[arg(
         long,
         default_value = "off,thompson,thompson-calibrated,heuristic,confidence:0.5,fixed:1,fixed:2,fixed:3,fixed:4,fixed:6"
@@ -299,24 +321,23 @@ fn generate(a: GenerateArgs) -> Result<()> {
         (None, Some(f)) => read_prompt_file(f)?,
         (None, None) => bail!("give --prompt or --prompt-file"),
     };
-    let default = if a.spec.head.is_some() {
-        "thompson"
-    } else {
-        "off"
-    };
+    let sources = a.spec.sources()?;
+    // Something to draft with: the head, or copied tokens.
+    let can_draft = (sources.head && a.spec.head.is_some()) || sources.lookup;
+    let default = if can_draft { "thompson" } else { "off" };
     let name = a.controller.clone().unwrap_or_else(|| default.into());
     // The engine drafts at most what the generation can use; controllers are checked against
     // the flag the user set.
     let max_draft = controller::draft_limit(a.spec.max_draft, a.max_new_tokens)?;
     // Refuse a bad controller before the (slow) model load.
-    controller::build(&name, a.spec.head.is_some(), None, a.spec.max_draft, 0)?;
+    controller::build(&name, can_draft, None, a.spec.max_draft, 0)?;
     let kernels = kernels(&a.model)?;
     check_head_dir(&a.spec.head)?;
     let p = load(&a.model)?;
     let head = load_head(&p, &a.spec.head)?;
     let mut ctrl = controller::build(
         &name,
-        head.is_some(),
+        can_draft,
         agreement(head.as_ref()),
         a.spec.max_draft,
         a.seed as u64,
@@ -327,6 +348,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         eos_ids: p.tokenizer.eos_ids.clone(),
     };
     with_engine!(kernels, &p.model, head.as_ref(), max_draft, |engine| {
+        engine.sources = sources;
         if head.is_some() {
             engine.calibrate(64, 3)?;
         }
@@ -375,6 +397,7 @@ fn generate_one<B: Backend>(
         let mut stats = g.stats.to_json();
         stats["stop_reason"] = serde_json::to_value(g.stop)?;
         stats["controller"] = name.into();
+        stats["draft_sources"] = engine.sources.name().into();
         let obj = serde_json::json!({
             "id": prompt.id, "text": text, "prompt_ids": ids, "ids": g.ids, "stats": stats,
         });
@@ -432,9 +455,11 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         bail!("--num-prompts must be at least 1");
     }
     let names = bench_spec::controller_names(&a.controllers).map_err(anyhow::Error::msg)?;
+    let sources = a.spec.sources()?;
     controller::draft_limit(a.spec.max_draft, a.max_new_tokens)?;
     for n in &names {
-        controller::build(n, true, None, a.spec.max_draft, 0)?;
+        let (base, _) = bench_spec::split_sources(n, sources).map_err(anyhow::Error::msg)?;
+        controller::build(base, true, None, a.spec.max_draft, 0)?;
     }
     let sampling = SamplingParams::new(a.temperature, 0, a.top_p)?;
     let Some(head_dir) = &a.spec.head else {
@@ -486,11 +511,19 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
                 .map(|v| (v * 100.0).round() / 100.0)
                 .collect::<Vec<_>>()
         );
-        let rows = bench_spec::run(&mut engine, &datasets, &names, &make, &opts, |m, rows| {
-            bar.set_message(m.to_string());
-            bar.inc(1);
-            write(c.clone(), rows).map_err(|e| eesd_core::Error::Input(format!("{e:#}")))
-        })?;
+        let rows = bench_spec::run(
+            &mut engine,
+            &datasets,
+            &names,
+            sources,
+            &make,
+            &opts,
+            |m, rows| {
+                bar.set_message(m.to_string());
+                bar.inc(1);
+                write(c.clone(), rows).map_err(|e| eesd_core::Error::Input(format!("{e:#}")))
+            },
+        )?;
         (rows, engine.costs.costs())
     });
     bar.finish_and_clear();

@@ -45,6 +45,11 @@ pub struct DecodeStats {
     pub rounds: usize,
     pub drafted: usize,
     pub accepted: usize,
+    /// Rounds, drafts and accepted drafts copied from the text ([`crate::lookup`]); also
+    /// counted in `rounds`, `drafted` and `accepted`.
+    pub copied_rounds: usize,
+    pub copied_drafted: usize,
+    pub copied_accepted: usize,
     #[serde(skip)]
     pub drafted_at: Vec<usize>,
     #[serde(skip)]
@@ -95,6 +100,13 @@ impl DecodeStats {
         }
     }
 
+    /// A round whose drafts were copied from the text (after [`Self::record_round`]).
+    pub fn record_copied(&mut self, drafted: usize, accepted: usize) {
+        self.copied_rounds += 1;
+        self.copied_drafted += drafted;
+        self.copied_accepted += accepted;
+    }
+
     /// Adds another generation's counts (for totals over prompts).
     pub fn merge(&mut self, o: &DecodeStats) {
         self.generations += o.generations.max(1);
@@ -105,6 +117,9 @@ impl DecodeStats {
         self.rounds += o.rounds;
         self.drafted += o.drafted;
         self.accepted += o.accepted;
+        self.copied_rounds += o.copied_rounds;
+        self.copied_drafted += o.copied_drafted;
+        self.copied_accepted += o.copied_accepted;
         let n = self.drafted_at.len().max(o.drafted_at.len());
         self.drafted_at.resize(n, 0);
         self.accepted_at.resize(n, 0);

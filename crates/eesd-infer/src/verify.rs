@@ -195,4 +195,42 @@ mod tests {
             assert!(chi2 < 16.27, "chi2 = {chi2}, counts {counts:?}");
         }
     }
+
+    /// A copied draft (proposed with certainty: q a point mass) keeps the emitted token's
+    /// distribution p, whichever token was copied, likely, unlikely or impossible under p.
+    #[test]
+    fn a_copied_draft_keeps_p() {
+        tch::manual_seed(3);
+        let p = Tensor::from_slice(&[0.5f32, 0.3, 0.15, 0.05, 0.0]).unsqueeze(0);
+        let want = [0.5f64, 0.3, 0.15, 0.05];
+        for copied in [0i64, 3, 4] {
+            let q = Tensor::zeros([1, 5], (Kind::Float, tch::Device::Cpu));
+            let _ = q.narrow(1, copied, 1).fill_(1.0);
+            let d = Tensor::from_slice(&[copied]);
+            let pp = Tensor::cat(&[&p, &p], 0);
+            let n = 20000;
+            let mut counts = [0f64; 5];
+            for _ in 0..n {
+                let u = Tensor::rand([1], (Kind::Float, tch::Device::Cpu));
+                let v = accept_sampled(&pp, &q, &d, &u).unwrap();
+                let tok = if v.accepted == 1 {
+                    copied as usize
+                } else {
+                    v.next_token as usize
+                };
+                counts[tok] += 1.0;
+            }
+            let chi2: f64 = (0..4)
+                .map(|i| (counts[i] - n as f64 * want[i]).powi(2) / (n as f64 * want[i]))
+                .sum();
+            assert_eq!(
+                counts[4], 0.0,
+                "copied {copied}: a zero-probability token was emitted"
+            );
+            assert!(
+                chi2 < 16.27,
+                "copied {copied}: chi2 = {chi2}, counts {counts:?}"
+            );
+        }
+    }
 }

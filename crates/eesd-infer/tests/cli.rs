@@ -372,6 +372,60 @@ fn speculative_flags_are_checked() {
         ]),
         "give --head",
     );
+    for (sources, needle) in [
+        ("heads", "unknown draft source `heads`"),
+        ("", "--draft-sources is empty"),
+        ("head,lookup", "the head source needs --head"),
+    ] {
+        let out = run(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "w5",
+            "--draft-sources",
+            sources,
+        ]);
+        assert_clean_error(&out, needle);
+    }
+}
+
+/// Copied drafts need no head: `--draft-sources lookup` drafts from the prompt, and the
+/// output is plain decoding's.
+#[test]
+fn lookup_drafts_without_a_head_give_plain_output() {
+    let m = model();
+    let prompt = "w5 w6 w7 w8 w9 w5 w6 w7 w8 w9 w5 w6 w7";
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "24",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let plain = gen(&[]);
+    let copied = gen(&["--draft-sources", "lookup"]);
+    assert_eq!(plain["ids"], copied["ids"]);
+    assert_eq!(plain["stats"]["drafted"], 0);
+    assert_eq!(copied["stats"]["controller"], "thompson");
+    assert_eq!(copied["stats"]["draft_sources"], "lookup");
+    assert!(
+        copied["stats"]["copied_rounds"].as_u64().unwrap() > 0,
+        "{copied}"
+    );
 }
 
 #[test]
@@ -612,13 +666,17 @@ fn bench_refuses_nonsense_before_any_work() {
         "lists `fixed:1` twice",
     );
     assert_clean_error(
+        &bench(&["--controllers", "off,fixed:1@heads"]),
+        "unknown draft source `heads`",
+    );
+    assert_clean_error(
         &bench(&["--max-prompt-tokens", "1"]),
         "fits --max-prompt-tokens 1",
     );
     // A run writes its report; a second one into the same folder needs --force.
     let ok = bench(&[
         "--controllers",
-        "off,fixed:1",
+        "off,fixed:1,thompson@lookup,thompson@head+lookup",
         "--num-prompts",
         "1",
         "--max-new-tokens",

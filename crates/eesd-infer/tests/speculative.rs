@@ -9,7 +9,7 @@ use eesd_core::sampling::SamplingParams;
 use eesd_core::weights::Weights;
 use eesd_infer::backends::{Kernels, NativeBackend, TorchBackend};
 use eesd_infer::controller::{parse, Controller, Costs, Fixed, Next, Outcome, ThompsonConfig};
-use eesd_infer::engine::{Engine, GenerateOptions, Request};
+use eesd_infer::engine::{DraftSources, Engine, GenerateOptions, Request};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
@@ -329,6 +329,51 @@ fn greedy_equals_plain(model: &str, kernels: Kernels, kind: Kind) {
                     }
                 });
             }
+        }
+    }
+}
+
+/// Drafts copied from the text (alone, without a head, and mixed with a head's) give plain
+/// decoding's greedy output on every exact path; prompts that repeat themselves, as the
+/// random models' answers do, make copied rounds happen.
+#[test]
+fn copied_drafts_equal_plain_greedy() {
+    let _turn = rng_turn();
+    let o = opts(40, SamplingParams::default());
+    for (kernels, kind) in exact_paths() {
+        for model in ["mha_untied", "gqa_tied_headdim"] {
+            let base = load_as(model, kind);
+            let h = head(&base, HeadInit::Random, 1, None);
+            let mut copied = 0;
+            for p in prompts(&base, 4) {
+                let p: Vec<u32> = p.iter().chain(&p).chain(&p).copied().collect();
+                let want = plain(&base, kernels, &p, &o);
+                for (sources, with_head) in [("lookup", None), ("head,lookup", Some(&h))] {
+                    on_backend!(kernels, &base, with_head, 6, |engine| {
+                        engine.sources = DraftSources::parse(sources).unwrap();
+                        for name in ["thompson", "fixed:2"] {
+                            let mut c = parse(
+                                name,
+                                &ThompsonConfig {
+                                    k_max: 6,
+                                    ..Default::default()
+                                },
+                            )
+                            .unwrap();
+                            let got = engine.generate(&p, &o, c.as_mut(), |_| {}).unwrap();
+                            assert_eq!(
+                                got.ids, want,
+                                "{model} {kernels:?} {kind:?} {sources} {name}"
+                            );
+                            copied += got.stats.copied_rounds;
+                        }
+                    });
+                }
+            }
+            assert!(
+                copied > 0,
+                "{model} {kernels:?} {kind:?}: no copied round ran"
+            );
         }
     }
 }

@@ -162,6 +162,14 @@ impl<'a> TorchModel<'a> {
         Ok((head.token_ids(&idx), confidence, q))
     }
 
+    /// `[1, V]`: all the probability on `token` (a copied draft's `q`).
+    pub fn point_mass(&self, token: i64) -> Tensor {
+        let (v, device) = (self.base.cfg.vocab_size as i64, self.base.device);
+        let q = Tensor::zeros([1, v], (Kind::Float, device));
+        let _ = q.narrow(1, token, 1).fill_(1.0);
+        q
+    }
+
     /// The verdict on `drafts` `[K]` from the base's logits `[K+1, V]`.
     pub fn judge(
         &self,

@@ -217,6 +217,47 @@ impl Backend for NativeBackend<'_> {
             .collect())
     }
 
+    fn lower_many(
+        &self,
+        tokens: &[&[&u32]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<NativeRows>> {
+        let ids: Vec<u32> = tokens.iter().flat_map(|t| t.iter().map(|&&x| x)).collect();
+        if ids.is_empty() {
+            return Ok(tokens
+                .iter()
+                .map(|_| NativeRows {
+                    data: Vec::new(),
+                    rows: 0,
+                })
+                .collect());
+        }
+        let mut x = self.model.embed(&ids);
+        let mut segs: Vec<Segment> = caches
+            .iter_mut()
+            .zip(tokens)
+            .map(|(c, t)| Segment {
+                cache: c,
+                rows: t.len(),
+            })
+            .collect();
+        self.model
+            .forward_layers_batch(&mut x, &mut segs, 0..self.torch.exit_layer)?;
+        let h = self.model.hidden();
+        let mut first = 0;
+        Ok(tokens
+            .iter()
+            .map(|t| {
+                let rows = NativeRows {
+                    data: x[first * h..(first + t.len()) * h].to_vec(),
+                    rows: t.len(),
+                };
+                first += t.len();
+                rows
+            })
+            .collect())
+    }
+
     fn upper(
         &self,
         states: &[&NativeRows],
@@ -293,6 +334,10 @@ impl Backend for NativeBackend<'_> {
             confidence,
             q,
         })
+    }
+
+    fn point_mass(&self, token: &u32) -> Tensor {
+        self.torch.point_mass(*token as i64)
     }
 
     fn judge(

@@ -297,6 +297,26 @@ impl Backend for TorchBackend<'_> {
             .collect()
     }
 
+    /// Token by token through [`TorchBackend::embed_lower`]: each row then runs the kernel
+    /// shape of a plain step's row and gets its bits.
+    fn lower_many(
+        &self,
+        tokens: &[&[&Tensor]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<TorchRows>> {
+        tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(ts, c)| {
+                let rows = ts
+                    .iter()
+                    .map(|t| self.embed_lower(t, c))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(TorchRows::cat(&rows.iter().collect::<Vec<_>>()))
+            })
+            .collect()
+    }
+
     fn upper(
         &self,
         states: &[&TorchRows],
@@ -339,6 +359,10 @@ impl Backend for TorchBackend<'_> {
             confidence,
             q,
         })
+    }
+
+    fn point_mass(&self, token: &Tensor) -> Tensor {
+        self.torch.point_mass(token.int64_value(&[0]))
     }
 
     fn judge(

@@ -103,6 +103,13 @@ pub trait Backend {
         tokens: &[&Self::Token],
         caches: &mut [&mut Self::Cache],
     ) -> Result<Vec<Self::Hidden>>;
+    /// Several tokens per sequence (a copied draft's k+1 positions) through layers `[0, N)`:
+    /// per sequence, the layer-N states of its tokens, one row each.
+    fn lower_many(
+        &self,
+        tokens: &[&[&Self::Token]],
+        caches: &mut [&mut Self::Cache],
+    ) -> Result<Vec<Self::Hidden>>;
     /// Layer-N states through `[N, L)`, the final norm and the LM head: per sequence, logits
     /// `[T, V]` and the final states after the norm.
     fn upper(
@@ -130,6 +137,9 @@ pub trait Backend {
         sampling: &SamplingParams,
         want_confidence: bool,
     ) -> Result<Drafted<Self>>;
+    /// The distribution that proposes `token` with certainty: the `q` of a draft that was
+    /// copied, not sampled (sampling only), which rejection sampling needs to stay lossless.
+    fn point_mass(&self, token: &Self::Token) -> Self::Probs;
     /// The verdict on `drafts` from the base's logits over their k+1 positions (greedy
     /// matching or rejection sampling against `q`, see [`crate::verify`]).
     fn judge(

@@ -16,9 +16,59 @@ use crate::cost::CostTracker;
 use eesd_core::Result;
 use std::time::Instant;
 
+/// Where a round's drafts may come from (`--draft-sources`): the early-exit head's chain,
+/// tokens copied from the prompt and the text so far ([`crate::lookup`]), or both. With both,
+/// a round takes the copied tokens when their match and its acceptance posterior say a
+/// draft pays, and the head's chain otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftSources {
+    pub head: bool,
+    pub lookup: bool,
+}
+
+impl DraftSources {
+    pub const HEAD: DraftSources = DraftSources {
+        head: true,
+        lookup: false,
+    };
+
+    /// `head`, `lookup` or both (`head,lookup` or `head+lookup`, in any order).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        if s.trim().is_empty() {
+            return Err("--draft-sources is empty: give head, lookup or head,lookup".into());
+        }
+        let mut out = DraftSources {
+            head: false,
+            lookup: false,
+        };
+        for part in s.split([',', '+']).map(str::trim) {
+            match part {
+                "head" => out.head = true,
+                "lookup" => out.lookup = true,
+                _ => {
+                    return Err(format!(
+                    "unknown draft source `{part}` in `{s}` (head, lookup, or both: head,lookup)"
+                ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn name(&self) -> &'static str {
+        match (self.head, self.lookup) {
+            (true, true) => "head,lookup",
+            (false, true) => "lookup",
+            _ => "head",
+        }
+    }
+}
+
 /// A backend, the cost model it measured, and the rounds that use both.
 pub struct Engine<B: Backend> {
     pub backend: B,
+    /// The draft sources every sequence started from now on uses ([`DraftSources::HEAD`]).
+    pub sources: DraftSources,
     /// Draft step and verify costs, measured on this machine ([`Engine::calibrate`], then
     /// every timed round).
     pub costs: CostTracker,
@@ -38,6 +88,7 @@ impl<B: Backend> Engine<B> {
     pub fn new(backend: B, max_draft: usize) -> Self {
         Engine {
             backend,
+            sources: DraftSources::HEAD,
             costs: CostTracker::new(max_draft),
             check_invariants: cfg!(debug_assertions),
         }
@@ -62,7 +113,8 @@ impl<B: Backend> Engine<B> {
             return Ok(None);
         }
         let b = &self.backend;
-        let drafting = b.spec().has_head && controller.drafts();
+        let drafting = self.sources.head && b.spec().has_head && controller.drafts();
+        let controller_drafts = controller.drafts();
         let (mut cache, mut head_cache) = b.new_caches(prompt.len(), opts.max_new_tokens, drafting);
         b.synchronize();
         let t0 = Instant::now();
@@ -86,6 +138,10 @@ impl<B: Backend> Engine<B> {
             },
             stop: None,
             decode_start: Instant::now(),
+            lookup: (self.sources.lookup && controller_drafts).then(|| sequence::LookupDrafts {
+                index: crate::lookup::Lookup::new(prompt),
+                policy: crate::lookup::LookupPolicy::new(prompt.len() as u64),
+            }),
         };
         seq.push(first);
         Ok(Some(seq))

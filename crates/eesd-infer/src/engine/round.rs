@@ -1,5 +1,6 @@
 //! One EESD round for a set of sequences (EESD.md section 2): each controller plans a draft
-//! length, the drafts are made one step at a time (layers `[0, N)` and the head), the base
+//! length (or the lookup proposes tokens copied from the text so far, which need no draft
+//! steps), the drafts are made one step at a time (layers `[0, N)` and the head), the base
 //! verifies every sequence's k+1 positions in one pass of `[N, L)`, and each sequence commits
 //! its accepted prefix and the base's token, rolling its caches back to them. Every phase runs
 //! the rows of all sequences through the backend together.
@@ -33,6 +34,9 @@ pub struct Draft<B: Backend> {
     before: B::Hidden,
     /// Whether the verify ran `[0, N)` for the last input (a dropped draft already had).
     full_verify: bool,
+    /// For drafts copied from the text ([`crate::lookup`]): the length of the match they
+    /// continue. They run `[0, N)` with the verification, all k+1 positions at once.
+    copied: Option<usize>,
 }
 
 impl<B: Backend> Draft<B> {
@@ -65,7 +69,7 @@ pub fn run<B: Backend>(engine: &mut Engine<B>, seqs: &mut [&mut Sequence<B>]) ->
     let t_verify = Instant::now();
     let verdicts = verify(b, seqs, &mut drafts)?;
     let verify_secs = t_verify.elapsed().as_secs_f64();
-    if timed && drafts[0].full_verify {
+    if timed && drafts[0].full_verify && drafts[0].copied.is_none() {
         let k = drafts[0].tokens.len();
         let per_draft = (k > 0).then(|| draft_secs / k as f64);
         engine.costs.observe_round(k, per_draft, verify_secs);
@@ -78,14 +82,20 @@ pub fn run<B: Backend>(engine: &mut Engine<B>, seqs: &mut [&mut Sequence<B>]) ->
     Ok(())
 }
 
-/// The controller's draft length, never past the token limit or the context.
+/// The round's drafts: copied ones when the lookup finds a match worth verifying, else the
+/// controller's length of head drafts; never past the token limit or the context.
 fn plan<B: Backend>(b: &B, s: &mut Sequence<B>, costs: &Costs, k_max: usize) -> Draft<B> {
-    let planned = if s.head_cache.is_some() {
-        s.controller.plan(costs).min(s.room()).min(k_max)
-    } else {
-        0
+    let room = s.room().min(k_max);
+    let copied = s
+        .lookup
+        .as_mut()
+        .and_then(|l| l.policy.plan(&l.index, costs, room));
+    let planned = match (&copied, s.head_cache.is_some()) {
+        (Some(p), _) => p.tokens.len(),
+        (None, true) => s.controller.plan(costs).min(room),
+        (None, false) => 0,
     };
-    Draft {
+    let mut d = Draft {
         pending: b.token(s.pending),
         committed_before: s.cache.positions(),
         planned,
@@ -96,7 +106,17 @@ fn plan<B: Backend>(b: &B, s: &mut Sequence<B>, costs: &Costs, k_max: usize) -> 
         confidences: Vec::new(),
         before: s.prev_final.share(),
         full_verify: true,
+        copied: None,
+    };
+    if let Some(p) = copied {
+        d.tokens = p.tokens.iter().map(|&t| b.token(t)).collect();
+        if !s.opts.sampling.is_greedy() {
+            d.q = d.tokens.iter().map(|t| b.point_mass(t)).collect();
+        }
+        d.copied = Some(p.ngram);
+        d.done = true;
     }
+    d
 }
 
 /// Draft steps until every sequence has its drafts: each step runs one token per drafting
@@ -183,7 +203,24 @@ fn verify<B: Backend>(
     ds: &mut [Draft<B>],
 ) -> Result<Vec<(Verdict, B::Hidden)>> {
     for d in ds.iter_mut() {
-        d.full_verify = d.lower.len() == d.tokens.len();
+        d.full_verify = d.copied.is_none() && d.lower.len() == d.tokens.len();
+    }
+    // Copied drafts: `pending` and every draft through [0, N) in one pass.
+    let (inputs, mut caches): (Vec<Vec<&B::Token>>, Vec<_>) = seqs
+        .iter_mut()
+        .zip(ds.iter())
+        .filter(|(_, d)| d.copied.is_some())
+        .map(|(s, d)| {
+            let input = std::iter::once(&d.pending).chain(&d.tokens).collect();
+            (input, &mut s.cache)
+        })
+        .unzip();
+    if !inputs.is_empty() {
+        let slices: Vec<&[&B::Token]> = inputs.iter().map(|v| &v[..]).collect();
+        let states = b.lower_many(&slices, &mut caches)?;
+        for (d, h) in ds.iter_mut().filter(|d| d.copied.is_some()).zip(states) {
+            d.lower = (0..h.rows()).map(|i| h.row(i)).collect();
+        }
     }
     let (tokens, mut caches): (Vec<_>, Vec<_>) = seqs
         .iter_mut()
@@ -247,11 +284,17 @@ fn commit<B: Backend>(
         s.prev_final = finals.row(a);
     }
     s.stats.record_round(k, a);
-    s.controller.observe(&Outcome {
-        drafted: k,
-        accepted: a,
-        confidences: &d.confidences,
-    });
+    match (d.copied, s.lookup.as_mut()) {
+        (Some(ngram), Some(l)) => {
+            l.policy.observe(ngram, k, a);
+            s.stats.record_copied(k, a);
+        }
+        _ => s.controller.observe(&Outcome {
+            drafted: k,
+            accepted: a,
+            confidences: &d.confidences,
+        }),
+    }
     if check {
         s.check_invariant(keep);
     }

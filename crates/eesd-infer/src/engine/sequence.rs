@@ -55,6 +55,14 @@ pub struct Sequence<'c, B: Backend> {
     pub(super) stats: DecodeStats,
     pub(super) stop: Option<StopReason>,
     pub(super) decode_start: Instant,
+    /// Copied drafts, when the engine's sources include the lookup.
+    pub(super) lookup: Option<LookupDrafts>,
+}
+
+/// The text so far, indexed for copied drafts, and how long a copied draft to verify.
+pub(super) struct LookupDrafts {
+    pub index: crate::lookup::Lookup,
+    pub policy: crate::lookup::LookupPolicy,
 }
 
 impl<'c, B: Backend> Sequence<'c, B> {
@@ -76,6 +84,9 @@ impl<'c, B: Backend> Sequence<'c, B> {
     /// context is full (like HF's max_length: prompt plus output never exceed it).
     pub(super) fn push(&mut self, token: u32) {
         self.ids.push(token);
+        if let Some(l) = self.lookup.as_mut() {
+            l.index.push(token);
+        }
         self.pending = token;
         self.stop = if self.opts.eos_ids.contains(&token) {
             Some(StopReason::Eos)

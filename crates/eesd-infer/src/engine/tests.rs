@@ -16,9 +16,14 @@ const VOCAB: u32 = 50;
 const EOS: u32 = 0;
 
 /// The fake model's greedy token after `ctx`: EOS once the context has `eos_at` tokens.
-fn base_next(ctx: &[u32], eos_at: Option<usize>) -> u32 {
+fn base_next(ctx: &[u32], eos_at: Option<usize>, period: Option<usize>) -> u32 {
     if Some(ctx.len()) == eos_at {
         return EOS;
+    }
+    // A model that mostly repeats the token `period` back (text that copies itself, what
+    // copied drafts are for), except at every 7th position.
+    if let Some(p) = period.filter(|&p| ctx.len() >= p && ctx.len() % 7 != 3) {
+        return ctx[ctx.len() - p];
     }
     let h = ctx.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
         (h ^ t as u64).wrapping_mul(0x0100_0000_01b3)
@@ -106,6 +111,8 @@ struct FakeLogits {
 struct Fake {
     context: usize,
     eos_at: Option<usize>,
+    /// The base repeats the token this far back (see [`base_next`]).
+    period: Option<usize>,
     wrong: Wrong,
     reads_finals: bool,
     /// Rows of every `upper` call, per sequence (to see batching).
@@ -117,6 +124,7 @@ impl Fake {
         Fake {
             context,
             eos_at: None,
+            period: None,
             wrong,
             reads_finals: false,
             upper_calls: RefCell::new(Vec::new()),
@@ -174,7 +182,7 @@ impl Backend for Fake {
             ctx: prompt.to_vec(),
         };
         let logits = FakeLogits {
-            ids: vec![base_next(prompt, self.eos_at)],
+            ids: vec![base_next(prompt, self.eos_at, self.period)],
             confidence: 1.0,
         };
         Ok((logits, FakeRows(vec![last])))
@@ -204,6 +212,21 @@ impl Backend for Fake {
             .collect())
     }
 
+    fn lower_many(
+        &self,
+        tokens: &[&[&u32]],
+        caches: &mut [&mut FakeCache],
+    ) -> Result<Vec<FakeRows>> {
+        Ok(tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(ts, c)| {
+                let rows = ts.iter().map(|&t| self.lower(&[t], &mut [&mut **c]));
+                FakeRows(rows.flat_map(|r| r.unwrap().remove(0).0).collect())
+            })
+            .collect())
+    }
+
     fn upper(
         &self,
         states: &[&FakeRows],
@@ -219,7 +242,10 @@ impl Backend for Fake {
                 for row in &s.0 {
                     c.write(1, row);
                 }
-                let ids = s.0.iter().map(|r| base_next(&r.ctx, self.eos_at)).collect();
+                let ids =
+                    s.0.iter()
+                        .map(|r| base_next(&r.ctx, self.eos_at, self.period))
+                        .collect();
                 (
                     FakeLogits {
                         ids,
@@ -254,7 +280,7 @@ impl Backend for Fake {
                     c.write(0, row);
                 }
                 let last = s.0.last().expect("a row").clone();
-                let right = base_next(&last.ctx, self.eos_at);
+                let right = base_next(&last.ctx, self.eos_at, self.period);
                 let wrong = (self.wrong)(last.pos + 1);
                 let logits = FakeLogits {
                     ids: vec![if wrong {
@@ -287,6 +313,8 @@ impl Backend for Fake {
         })
     }
 
+    fn point_mass(&self, _: &u32) {}
+
     fn judge(
         &self,
         logits: &FakeLogits,
@@ -318,11 +346,12 @@ fn reference(
     max_new: usize,
     context: usize,
     eos_at: Option<usize>,
+    period: Option<usize>,
 ) -> (Vec<u32>, StopReason) {
     let mut ctx = prompt.to_vec();
     let mut out = Vec::new();
     loop {
-        let t = base_next(&ctx, eos_at);
+        let t = base_next(&ctx, eos_at, period);
         ctx.push(t);
         out.push(t);
         if t == EOS {
@@ -363,8 +392,14 @@ const PROMPT: &[u32] = &[7, 3, 11, 5];
 
 /// Runs `name` on the fake and checks the output against the plain loop.
 fn check(fake: Fake, name: &str, max_new: usize) -> Generation {
-    let (context, eos_at) = (fake.context, fake.eos_at);
+    check_with(fake, name, max_new, DraftSources::HEAD)
+}
+
+/// [`check`] with the given draft sources.
+fn check_with(fake: Fake, name: &str, max_new: usize, sources: DraftSources) -> Generation {
+    let (context, eos_at, period) = (fake.context, fake.eos_at, fake.period);
     let mut e = engine(fake);
+    e.sources = sources;
     let mut c = controller(name);
     let mut streamed = Vec::new();
     let g = e
@@ -372,7 +407,7 @@ fn check(fake: Fake, name: &str, max_new: usize) -> Generation {
             streamed.push(ids.len())
         })
         .unwrap();
-    let (want, stop) = reference(PROMPT, max_new, context, eos_at);
+    let (want, stop) = reference(PROMPT, max_new, context, eos_at, period);
     assert_eq!(g.ids, want, "{name}");
     assert_eq!(g.stop, stop, "{name}");
     assert_eq!(
@@ -381,6 +416,40 @@ fn check(fake: Fake, name: &str, max_new: usize) -> Generation {
         "one callback per token"
     );
     g
+}
+
+/// Drafts copied from the text: accepted runs, rejections (the base breaks the pattern every
+/// 7th position), alone and mixed with head rounds, at the context and token limits; the
+/// output is the plain loop's and every cache stays consistent (checked after each round).
+#[test]
+fn copied_drafts_keep_the_output_and_the_caches() {
+    let both = DraftSources {
+        head: true,
+        lookup: true,
+    };
+    let lookup = DraftSources {
+        head: false,
+        lookup: true,
+    };
+    for sources in [lookup, both] {
+        for name in ["thompson", "fixed:3", "thompson-calibrated"] {
+            for (context, max_new) in [(512, 60), (40, 100), (512, 13)] {
+                let mut fake = Fake::new(context, |p| p % 3 == 0);
+                fake.period = Some(5);
+                let g = check_with(fake, name, max_new, sources);
+                let s = &g.stats;
+                let what = format!("{} {name} context {context}: {s:?}", sources.name());
+                assert!(s.copied_rounds > 0 && s.copied_accepted > 0, "{what}");
+                assert!(
+                    s.copied_accepted < s.copied_drafted,
+                    "some rejected: {what}"
+                );
+                if !sources.head {
+                    assert_eq!(s.copied_drafted, s.drafted, "only copied drafts: {what}");
+                }
+            }
+        }
+    }
 }
 
 #[test]
@@ -491,7 +560,7 @@ fn a_batch_runs_every_sequence_in_one_pass_per_round() {
     for (i, g) in got.iter().enumerate() {
         assert_eq!(
             g.ids,
-            reference(&prompts[i], max_new(i), 512, None).0,
+            reference(&prompts[i], max_new(i), 512, None, None).0,
             "sequence {i}"
         );
     }
