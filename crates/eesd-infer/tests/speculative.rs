@@ -266,6 +266,18 @@ fn prompts(base: &Llama, n: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The controller `name` with drafts of at most `k_max`.
+fn controller(name: &str, k_max: usize) -> Box<dyn Controller> {
+    parse(
+        name,
+        &ThompsonConfig {
+            k_max,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 fn opts(max_new: usize, sampling: SamplingParams) -> GenerateOptions {
     GenerateOptions {
         max_new_tokens: max_new,
@@ -305,14 +317,7 @@ fn greedy_equals_plain(model: &str, kernels: Kernels, kind: Kind) {
                 on_backend!(kernels, &base, Some(h), 6, |engine| {
                     engine.calibrate(16, 2).unwrap();
                     for name in CONTROLLERS {
-                        let mut c = parse(
-                            name,
-                            &ThompsonConfig {
-                                k_max: 6,
-                                ..Default::default()
-                            },
-                        )
-                        .unwrap();
+                        let mut c = controller(name, 6);
                         let got = engine.generate(&p, &o, c.as_mut(), |_| {}).unwrap();
                         assert_eq!(
                             got.ids, want,
@@ -352,14 +357,7 @@ fn copied_drafts_equal_plain_greedy() {
                     on_backend!(kernels, &base, with_head, 6, |engine| {
                         engine.sources = DraftSources::parse(sources).unwrap();
                         for name in ["thompson", "fixed:2"] {
-                            let mut c = parse(
-                                name,
-                                &ThompsonConfig {
-                                    k_max: 6,
-                                    ..Default::default()
-                                },
-                            )
-                            .unwrap();
+                            let mut c = controller(name, 6);
                             let got = engine.generate(&p, &o, c.as_mut(), |_| {}).unwrap();
                             assert_eq!(
                                 got.ids, want,
