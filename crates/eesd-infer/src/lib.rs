@@ -7,6 +7,7 @@
 //! - [`controller`]: where the draft length is decided; [`cost`]: what a round costs.
 //! - [`lookup`]: drafts copied from the prompt and the text generated so far.
 //! - [`verify`]: acceptance of drafts against the base's distributions.
+//! - [`serve`]: the OpenAI-compatible server and its continuous-batching scheduler.
 pub mod backends;
 pub mod bench;
 pub mod bench_spec;
@@ -15,5 +16,6 @@ pub mod cost;
 pub mod engine;
 pub mod lookup;
 pub mod prompts;
+pub mod serve;
 pub mod stats;
 pub mod verify;

@@ -45,6 +45,39 @@ enum Command {
     /// CPU kernel timings on random weights: the streaming-read memory floor, and one pass of
     /// every weight product for 1..16 rows, native kernels vs torch, per dtype.
     BenchKernels(KernelArgs),
+    /// Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /// /health, /metrics) with continuous batching and speculative decoding per request.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// The controller of requests that name none (a request's `controller` field overrides
+    /// it) [default: thompson when drafts can come from a head or the lookup, else off]
+    #[arg(long)]
+    controller: Option<String>,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed when listening).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Sequences decoded together in one pass of the weights; more requests wait.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Requests that may wait for a batch slot; past it requests get 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// The model id clients send and responses carry [default: the model folder's name].
+    #[arg(long)]
+    served_model_name: Option<String>,
 }
 
 /// Which model, where, in what precision (the flags eesd-train shares), and which kernels.
@@ -613,6 +646,64 @@ fn bench_kernels(a: KernelArgs) -> Result<()> {
     write_json(a.json_out.as_ref(), &report)
 }
 
+fn serve(a: ServeArgs) -> Result<()> {
+    // Everything the user can get wrong, before the model loads.
+    if a.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
+    let sources = a.spec.sources()?;
+    let can_draft = (sources.head && a.spec.head.is_some()) || sources.lookup;
+    if let Some(c) = &a.controller {
+        controller::build(c, can_draft, None, a.spec.max_draft, 0)?;
+    }
+    controller::draft_limit(a.spec.max_draft, usize::MAX)?;
+    let kernels = kernels(&a.model)?;
+    check_head_dir(&a.spec.head)?;
+    let addr = format!("{}:{}", a.host, a.port);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // Bind first: a taken port is an error before the (slow) model load.
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&addr))
+        .with_context(|| format!("listening on {addr}"))?;
+    let model_name = a.served_model_name.clone().unwrap_or_else(|| {
+        PathBuf::from(&a.model.base.model)
+            .file_name()
+            .map_or(a.model.base.model.clone(), |n| {
+                n.to_string_lossy().into_owned()
+            })
+    });
+    let cfg = eesd_infer::serve::ServeConfig {
+        kernels,
+        max_draft: a.spec.max_draft,
+        max_batch: a.max_batch,
+        max_queue: a.max_queue,
+        max_body_bytes: a.max_body_bytes,
+        controller: a.controller.clone(),
+        sources,
+        model_name,
+        calibrate: true,
+    };
+    let (model_args, head_dir) = (a.model, a.spec.head.clone());
+    let server = eesd_infer::serve::start(cfg, move || {
+        let p = load(&model_args)?;
+        let head = load_head(&p, &head_dir)?;
+        Ok((p, head))
+    })?;
+    eprintln!(
+        "listening on http://{} (max batch {}, queue {})",
+        listener.local_addr()?,
+        a.max_batch,
+        a.max_queue
+    );
+    runtime.block_on(server.serve(listener))?;
+    eprintln!("stopped");
+    Ok(())
+}
+
 /// One line on stdout; a closed pipe comes back as an error (see [`main`]).
 fn out_line(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
@@ -637,6 +728,7 @@ fn main() {
         Command::Bench(a) => bench_spec(a),
         Command::BenchShape(a) => bench_shape(a),
         Command::BenchKernels(a) => bench_kernels(a),
+        Command::Serve(a) => serve(a),
     };
     if let Err(e) = result {
         // A reader that closed stdout (`| head`) ends the command quietly, as `head` users

@@ -108,12 +108,23 @@ impl<B: Backend> Engine<B> {
         opts: &GenerateOptions,
         controller: Box<dyn Controller + 'c>,
     ) -> Result<Option<Sequence<'c, B>>> {
+        self.start_with(prompt, opts, controller, self.sources)
+    }
+
+    /// [`Self::start`] with draft sources of its own (a server's request may choose them).
+    pub fn start_with<'c>(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        controller: Box<dyn Controller + 'c>,
+        sources: DraftSources,
+    ) -> Result<Option<Sequence<'c, B>>> {
         self.check_prompt(prompt)?;
         if opts.max_new_tokens == 0 {
             return Ok(None);
         }
         let b = &self.backend;
-        let drafting = self.sources.head && b.spec().has_head && controller.drafts();
+        let drafting = sources.head && b.spec().has_head && controller.drafts();
         let controller_drafts = controller.drafts();
         let (mut cache, mut head_cache) = b.new_caches(prompt.len(), opts.max_new_tokens, drafting);
         b.synchronize();
@@ -138,7 +149,7 @@ impl<B: Backend> Engine<B> {
             },
             stop: None,
             decode_start: Instant::now(),
-            lookup: (self.sources.lookup && controller_drafts).then(|| sequence::LookupDrafts {
+            lookup: (sources.lookup && controller_drafts).then(|| sequence::LookupDrafts {
                 index: crate::lookup::Lookup::new(prompt),
                 policy: crate::lookup::LookupPolicy::new(prompt.len() as u64),
             }),

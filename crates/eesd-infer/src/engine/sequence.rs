@@ -80,6 +80,17 @@ impl<'c, B: Backend> Sequence<'c, B> {
         &self.stats
     }
 
+    /// The statistics as they stand, for a sequence ended early (cancelled): the decode time
+    /// up to now and the tokens so far.
+    pub fn stats_so_far(&self) -> DecodeStats {
+        let mut s = self.stats.clone();
+        if self.stop.is_none() {
+            s.decode_seconds = self.decode_start.elapsed().as_secs_f64();
+        }
+        s.new_tokens = self.ids.len();
+        s
+    }
+
     /// Appends a committed token; it ends the sequence at EOS, at the token limit or when the
     /// context is full (like HF's max_length: prompt plus output never exceed it).
     pub(super) fn push(&mut self, token: u32) {

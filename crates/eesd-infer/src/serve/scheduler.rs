@@ -1,0 +1,234 @@
+//! The scheduler: one thread owns the engine and runs continuous batching. Each iteration
+//! admits waiting requests into free batch slots (prefilling their prompts), then advances
+//! every running sequence by one round in one pass of the weights ([`Engine::step`]), and
+//! hands each request the tokens its round committed. A request whose receiver is gone (the
+//! client disconnected, or a stop string ended it) is dropped between rounds, which frees its
+//! caches.
+//!
+//! A sequence's greedy text does not depend on its neighbours: the engine's rows get the same
+//! bits alone or batched, and every sequence keeps its own controller state.
+
+use super::metrics::Metrics;
+use crate::controller;
+use crate::engine::{Backend, DraftSources, Engine, GenerateOptions, Sequence, StopReason};
+use crate::stats::DecodeStats;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// One admitted-or-waiting request, as the HTTP side hands it over.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub opts: GenerateOptions,
+    /// A controller name [`controller::build`] accepted when the request was checked.
+    pub controller: String,
+    pub sources: DraftSources,
+    /// Seeds the controller's Thompson draws (sampled tokens use the shared generator).
+    pub seed: u64,
+    pub events: UnboundedSender<Event>,
+    /// Set by the HTTP side when the answer is over early (a stop string, or the client went
+    /// away): the sequence leaves the batch after its current round.
+    pub cancel: Arc<AtomicBool>,
+    /// When the request arrived (time to first token counts from here).
+    pub arrived: Instant,
+}
+
+/// What the scheduler tells a request, in order: tokens as rounds commit them, then one
+/// `Done` or `Failed`.
+#[derive(Debug)]
+pub enum Event {
+    /// The ids one round committed (the prefill's token first, alone).
+    Tokens(Vec<u32>),
+    /// The sequence ended (`stop`), or was cancelled (`None`); its statistics either way.
+    Done {
+        stop: Option<StopReason>,
+        stats: Box<DecodeStats>,
+    },
+    Failed(String),
+}
+
+/// What the scheduler needs to know to build each request's controller.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_batch: usize,
+    pub max_draft: usize,
+    pub has_head: bool,
+    /// The head's held-out agreement (the Thompson prior's warm start).
+    pub agreement: Option<f64>,
+}
+
+/// Counters the HTTP side reads to refuse work early.
+#[derive(Default)]
+pub struct Shared {
+    /// Requests sent to the scheduler and not yet admitted.
+    pub waiting: AtomicUsize,
+}
+
+struct Running<'c, B: Backend> {
+    seq: Sequence<'c, B>,
+    /// Ids already sent to the request.
+    sent: usize,
+    events: UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+    last_token: Instant,
+}
+
+/// Runs until every sender of `jobs` is gone and the last sequence has finished.
+pub fn run<B: Backend>(
+    engine: &mut Engine<B>,
+    limits: Limits,
+    jobs: mpsc::Receiver<Job>,
+    shared: &Shared,
+    metrics: &Metrics,
+) {
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut running: Vec<Running<'static, B>> = Vec::new();
+    let mut open = true;
+    while open || !waiting.is_empty() || !running.is_empty() {
+        if open && running.is_empty() && waiting.is_empty() {
+            match jobs.recv() {
+                Ok(j) => waiting.push_back(j),
+                Err(_) => open = false,
+            }
+        }
+        loop {
+            match jobs.try_recv() {
+                Ok(j) => waiting.push_back(j),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        while running.len() < limits.max_batch.max(1) {
+            let Some(job) = waiting.pop_front() else {
+                break;
+            };
+            shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            metrics.queue_depth.dec();
+            if let Some(r) = admit(engine, &limits, job, metrics) {
+                running.push(r);
+            }
+        }
+        metrics.running.set(running.len() as i64);
+        if running.is_empty() {
+            continue;
+        }
+        let stepped = {
+            let _threads = engine.backend.decode_threads();
+            let mut seqs: Vec<&mut Sequence<B>> = running.iter_mut().map(|r| &mut r.seq).collect();
+            engine.step(&mut seqs)
+        };
+        if let Err(e) = stepped {
+            for r in running.drain(..) {
+                let _ = r
+                    .events
+                    .send(Event::Failed(format!("decoding failed: {e}")));
+            }
+            continue;
+        }
+        running.retain_mut(|r| deliver(r, metrics));
+        metrics.running.set(running.len() as i64);
+    }
+    metrics.running.set(0);
+}
+
+/// Prefills a request and sends its first token; `None` when it is already over (nothing to
+/// generate, an error, or nobody listening any more).
+fn admit<B: Backend>(
+    engine: &mut Engine<B>,
+    limits: &Limits,
+    job: Job,
+    metrics: &Metrics,
+) -> Option<Running<'static, B>> {
+    metrics
+        .queue_wait
+        .observe(job.arrived.elapsed().as_secs_f64());
+    if job.events.is_closed() || job.cancel.load(Ordering::SeqCst) {
+        metrics.cancelled.inc();
+        return None;
+    }
+    let can_draft = (job.sources.head && limits.has_head) || job.sources.lookup;
+    let ctrl = match controller::build(
+        &job.controller,
+        can_draft,
+        limits.agreement,
+        limits.max_draft,
+        job.seed,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = job.events.send(Event::Failed(e.to_string()));
+            return None;
+        }
+    };
+    let seq = match engine.start_with(&job.prompt, &job.opts, ctrl, job.sources) {
+        Ok(Some(seq)) => seq,
+        Ok(None) => {
+            let _ = job.events.send(Event::Done {
+                stop: Some(StopReason::MaxNewTokens),
+                stats: Box::default(),
+            });
+            return None;
+        }
+        Err(e) => {
+            let _ = job.events.send(Event::Failed(e.to_string()));
+            return None;
+        }
+    };
+    metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
+    metrics
+        .time_to_first_token
+        .observe(job.arrived.elapsed().as_secs_f64());
+    let mut r = Running {
+        seq,
+        sent: 0,
+        events: job.events,
+        cancel: job.cancel,
+        last_token: Instant::now(),
+    };
+    deliver(&mut r, metrics).then_some(r)
+}
+
+/// Sends the sequence's new tokens, and its end once it has stopped; false when it leaves the
+/// batch (stopped, or its request went away: cancelled, its caches dropped with it).
+fn deliver<B: Backend>(r: &mut Running<'_, B>, metrics: &Metrics) -> bool {
+    let ids = r.seq.ids();
+    if ids.len() > r.sent {
+        let new = ids[r.sent..].to_vec();
+        let now = Instant::now();
+        if r.sent > 0 {
+            // A round's tokens arrive together; each is priced at its share of the round.
+            let per = now.duration_since(r.last_token).as_secs_f64() / new.len() as f64;
+            for _ in &new {
+                metrics.inter_token_latency.observe(per);
+            }
+        }
+        r.last_token = now;
+        r.sent = ids.len();
+        metrics.generation_tokens.inc_by(new.len() as u64);
+        if r.events.send(Event::Tokens(new)).is_err() {
+            metrics
+                .cancelled
+                .inc_by(u64::from(r.seq.stopped().is_none()));
+            return false;
+        }
+    }
+    let stop = r.seq.stopped();
+    if r.events.is_closed() {
+        metrics.cancelled.inc_by(u64::from(stop.is_none()));
+        return false;
+    }
+    let cancelled = r.cancel.load(Ordering::SeqCst);
+    if stop.is_none() && !cancelled {
+        return true;
+    }
+    metrics.cancelled.inc_by(u64::from(stop.is_none()));
+    let stats = Box::new(r.seq.stats_so_far());
+    metrics.record_sequence(&stats);
+    let _ = r.events.send(Event::Done { stop, stats });
+    false
+}
