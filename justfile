@@ -106,6 +106,15 @@ bench-prefill rounds="3" llama="": build
     python scripts/bench_prefill.py --model {{model}} --rounds {{rounds}} {{ if llama != "" { "--llama-bench " + llama } else { "" } }} --out results/bench_prefill.json
     python scripts/plot.py prefill results/bench_prefill.json
 
+# The OpenAI-compatible server with the committed head on 127.0.0.1:PORT (Ctrl-C stops it).
+serve port="8000": build
+    {{bin}} serve --model {{model}} --head {{head}} --port {{port}}
+
+# Serving under load: 1, 2, 4, 8 concurrent streams against our server (plain and thompson per
+# request) and llama.cpp's llama-server (llama=PATH) on the same f16 weights: JSON, table, plot.
+bench-serve requests="8" tokens="64" rounds="2" llama="": build
+    python scripts/bench_serve.py --model {{model}} --head {{head}} --requests {{requests}} --max-tokens {{tokens}} --rounds {{rounds}} {{ if llama != "" { "--llama-server " + llama } else { "" } }} --out results/serve
+
 # Verify cost: weight products of 1-16 rows per dtype as multiples of one row, vs torch and the roofline.
 bench-kernels reps="30": build
     {{bin}} bench-kernels --reps {{reps}} --json-out results/bench_kernels.json

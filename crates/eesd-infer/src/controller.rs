@@ -39,6 +39,43 @@ impl Costs {
     pub fn k_max(&self) -> usize {
         self.verify.len() - 1
     }
+
+    /// A pass over `rows` positions relative to one plain step: the verify table (a pass over
+    /// k+1 rows), continued past its end at its last slope (products of many rows grow about
+    /// linearly once compute-bound).
+    fn pass(&self, rows: usize) -> f64 {
+        let last = self.verify.len() - 1;
+        let k = rows.saturating_sub(1);
+        if k <= last {
+            return self.verify[k];
+        }
+        let slope = if last > 0 {
+            (self.verify[last] - self.verify[last - 1]).max(0.0)
+        } else {
+            0.0
+        };
+        self.verify[last] + slope * (k - last) as f64
+    }
+
+    /// The costs one sequence sees when its round runs in a batch of `batch` sequences
+    /// (issue 22): what its drafts add to a pass that already carries every sequence's row,
+    /// relative to its share of that pass (one plain token). A draft step holds up the whole
+    /// batch, and extra verify rows cost what the pass's next rows cost, so under load
+    /// drafting falls toward none by itself and comes back when the load drops. `batch` 1 is
+    /// the table itself.
+    pub fn at_batch(&self, batch: usize) -> Costs {
+        if batch <= 1 {
+            return self.clone();
+        }
+        let base = self.pass(batch);
+        let share = base / batch as f64;
+        Costs {
+            draft_step: self.draft_step / share,
+            verify: (0..=self.k_max())
+                .map(|k| 1.0 + (self.pass(batch + k) - base) / share)
+                .collect(),
+        }
+    }
 }
 
 /// Expected committed tokens of a round with k drafts when each is accepted with
@@ -510,6 +547,25 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_costs_price_a_sequences_drafts_at_the_pass_they_join() {
+        let c = Costs {
+            draft_step: 0.2,
+            verify: vec![1.0, 1.05, 1.1, 1.15, 1.2],
+        };
+        let one = c.at_batch(1);
+        assert_eq!((one.draft_step, &one.verify), (c.draft_step, &c.verify));
+        // 8 rows cost 1.2 + 0.05 * 3 = 1.35 plain steps: one token is 1.35 / 8 of a step.
+        let b = c.at_batch(8);
+        let share = 1.35 / 8.0;
+        assert!((b.draft_step - 0.2 / share).abs() < 1e-9);
+        assert!((b.verify[1] - (1.0 + 0.05 / share)).abs() < 1e-9);
+        assert!(b.verify.windows(2).all(|w| w[1] > w[0]));
+        // At that price a head accepted 40% of the time is not worth a draft; alone it is.
+        assert_eq!(best_k(0.4, &b, 0), 0);
+        assert!(best_k(0.4, &c, 0) > 0);
+    }
     use rand::Rng;
 
     /// Rounds of a Bernoulli(theta) acceptance stream: `accepted` = leading successes of k.

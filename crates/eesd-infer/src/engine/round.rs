@@ -50,7 +50,8 @@ impl<B: Backend> Draft<B> {
 /// runs (a batch's rounds are priced by the batch, which the cost model does not yet know).
 pub fn run<B: Backend>(engine: &mut Engine<B>, seqs: &mut [&mut Sequence<B>]) -> Result<()> {
     let b = &engine.backend;
-    let costs = engine.costs.costs();
+    // Priced at this batch: a draft in a full batch costs what it adds to the shared pass.
+    let costs = engine.costs.costs().at_batch(seqs.len());
     let timed =
         seqs.len() == 1 && (seqs[0].stats.rounds as u64).is_multiple_of(b.timing_interval());
     let k_max = engine.costs.k_max();

@@ -106,7 +106,9 @@ pub struct Parsed {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
-    /// Extensions: the draft controller and the draft sources.
+    /// Extensions: keep generating past EOS (llama.cpp's and vLLM's `ignore_eos`, for
+    /// fixed-length benchmarks), the draft controller and the draft sources.
+    pub ignore_eos: bool,
     pub controller: Option<String>,
     pub draft_sources: Option<String>,
 }
@@ -211,6 +213,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> ApiResult<Parsed> {
         stop: stops(&o)?,
         stream,
         include_usage,
+        ignore_eos: opt_bool(&o, "ignore_eos")?.unwrap_or(false),
         controller: opt_string(&o, "controller")?,
         draft_sources: opt_string(&o, "draft_sources")?,
     })
@@ -280,17 +283,18 @@ fn messages(o: &Map<String, Value>) -> ApiResult<Vec<ChatMessage>> {
             None => return Err(ApiError::invalid(p, format!("messages[{i}] has no role"))),
         };
         // OpenAI's "developer" role is its newer name for "system".
-        let role =
-            match role.as_str() {
-                "system" | "user" | "assistant" => role,
-                "developer" => "system".into(),
-                r => return Err(ApiError::invalid(
+        let role = match role.as_str() {
+            "system" | "user" | "assistant" => role,
+            "developer" => "system".into(),
+            r => {
+                return Err(ApiError::invalid(
                     p,
                     format!(
                         "messages[{i}].role `{r}` is not one of system, developer, user, assistant"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let content = match m.get("content") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => {
@@ -606,7 +610,7 @@ mod tests {
         for (endpoint, body, param, needle) in cases {
             let e = err(*endpoint, body);
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
-            assert_eq!(e.param.as_deref(), *param, "{body}: {}", e.message);
+            assert_eq!(e.param, *param, "{body}: {}", e.message);
             assert!(e.message.contains(needle), "{body}: {}", e.message);
             let b = e.body();
             assert_eq!(b["error"]["type"], "invalid_request_error");

@@ -410,7 +410,11 @@ impl AppState {
         let opts = GenerateOptions {
             max_new_tokens,
             sampling,
-            eos_ids: self.eos_ids.clone(),
+            eos_ids: if parsed.ignore_eos {
+                vec![]
+            } else {
+                self.eos_ids.clone()
+            },
         };
         Ok(Prepared {
             parsed,
