@@ -153,6 +153,41 @@ def generate_rate(a, ps, controller):
     return sum(st["new_tokens"] - 1 for st in stats) / sum(st["decode_seconds"] for st in stats)
 
 
+def stall(port, ps, long_chars, max_tokens):
+    """A stream runs while a long prompt arrives: the stream's longest gap between chunks after
+    the arrival, its median gap before, and the long prompt's time to first token."""
+    times, done = [], threading.Event()
+    body = {"messages": [{"role": "user", "content": ps[0]}], "max_tokens": 4 * max_tokens, "temperature": 0,
+            "ignore_eos": True, "controller": "off", "stream": True}
+
+    def stream():
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        while True:
+            line = r.readline()
+            if not line or line.strip() == b"data: [DONE]":
+                break
+            if line.startswith(b"data: "):
+                times.append(time.perf_counter())
+        done.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    while len(times) < 8:
+        time.sleep(0.01)
+    text = " ".join(ps)
+    text = (text * (long_chars // max(len(text), 1) + 1))[:long_chars]
+    long_body = {"messages": [{"role": "user", "content": text}], "max_tokens": 1, "temperature": 0}
+    sent = time.perf_counter()
+    _, first, _, _, spec = one_request(port, {**long_body, "stream": True, "stream_options": {"include_usage": True}})
+    t.join()
+    before = [b - a for a, b in zip(times, times[1:]) if b < sent]
+    after = [b - a for a, b in zip(times, times[1:]) if b >= sent]
+    return {"long_prompt_ttft": first - sent, "long_prompt_prefill_seconds": spec["prefill_seconds"] if spec else None,
+            "gap_before_median": statistics.median(before), "gap_after_max": max(after)}
+
+
 def pct(xs, p):
     xs = sorted(xs)
     if not xs:
@@ -172,6 +207,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,2,4,8")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--long-prompt-chars", type=int, default=8000)
     ap.add_argument("--out", default=os.path.join(ROOT, "results/serve"))
     a = ap.parse_args()
     levels = [int(c) for c in a.concurrency.split(",")]
@@ -228,6 +264,8 @@ def main():
                 gen.setdefault("server " + ctrl, []).append(run_load(p, bodies, 1)["engine_decode_tokens_per_s"])
                 print(f"generate {ctrl}: {gen[ctrl][-1]:.1f}, server at 1 stream: {gen['server ' + ctrl][-1]:.1f} "
                       "decode tok/s", file=sys.stderr)
+        # A long prompt (about 2,000 tokens) arriving beside a running stream.
+        stalls = [stall(port, ps, a.long_prompt_chars, a.max_tokens) for _ in range(a.rounds)]
         for c in levels:
             runs = {n: [] for n in names}
             for r in range(a.rounds):
@@ -247,7 +285,7 @@ def main():
             except subprocess.TimeoutExpired:
                 p.kill()
     report = {"machine": cpu_name(), "requests": a.requests, "max_tokens": a.max_tokens, "rounds": a.rounds,
-              "rows": rows, "decode_vs_generate": {k: statistics.median(v) for k, v in gen.items()}}
+              "rows": rows, "long_prompt": stalls, "decode_vs_generate": {k: statistics.median(v) for k, v in gen.items()}}
     by = {(r["contender"], r["concurrency"]): r for r in rows}
     lines = [f"Host: {report['machine']}; {a.requests} requests x {a.max_tokens} tokens per run, streamed, "
              f"greedy; medians of {a.rounds} interleaved rounds.", "",
@@ -271,6 +309,12 @@ def main():
     for ctrl in ("off", "thompson"):
         if ctrl in g:
             lines.append(f"| {ctrl} | {g[ctrl]:.1f} | {g['server ' + ctrl]:.1f} | {g['server ' + ctrl] / g[ctrl]:.2f} |")
+    lines += ["", "A long prompt arriving beside a running stream (ours, plain):", "",
+              "| long prompt TTFT (s) | its prefill (s) | stream's median gap before (ms) | longest gap after (ms) |",
+              "|---|---|---|---|"]
+    for st in stalls:
+        lines.append(f"| {st['long_prompt_ttft']:.2f} | {st['long_prompt_prefill_seconds']:.2f} | "
+                     f"{1e3 * st['gap_before_median']:.1f} | {1e3 * st['gap_after_max']:.1f} |")
     md = "\n".join(lines) + "\n"
     json.dump(report, open(os.path.join(a.out, "bench.json"), "w"), indent=1)
     open(os.path.join(a.out, "bench.md"), "w").write(md)

@@ -163,3 +163,49 @@ fn native_prefill_is_close_to_torch() {
         }
     }
 }
+
+/// A prompt prefilled in parts (what the server does between rounds) leaves the caches, the
+/// first token's logits and the final state bit for bit as one prefill does, with a head that
+/// reads the final state across the parts' boundaries.
+#[test]
+fn parts_between_rounds_do_not_change_a_bit() {
+    let base = load_as("mha_untied", Kind::BFloat16);
+    let head = final_state_head(&base);
+    let ids = prompt(&base, 100);
+    let mut backend = NativeBackend::new(&base, Some(&head)).unwrap();
+    backend.prefill_chunk = 16;
+    let (logits, last, cache, head_cache) = prefill(&backend, &ids, true);
+    for part in [16usize, 48, 96] {
+        let (mut c, mut hc) = backend.new_caches(ids.len(), 4, true);
+        let mut out = None;
+        for piece in ids.chunks(part) {
+            let before = out.as_ref().map(|(_, h)| h);
+            out = Some(
+                backend
+                    .prefill_part(piece, before, &mut c, hc.as_mut())
+                    .unwrap(),
+            );
+        }
+        let (l2, last2) = out.unwrap();
+        assert!(same_bits(&logits, &l2), "logits, parts of {part}");
+        assert!(
+            last.iter()
+                .zip(&last2.data)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "final state, parts of {part}"
+        );
+        let (c2, h2) = (filled(&c), filled(hc.as_ref().unwrap()));
+        for (layer, ((k, v), (k2, v2))) in cache.iter().zip(&c2).enumerate() {
+            assert!(
+                same_bits(k, k2) && same_bits(v, v2),
+                "cache layer {layer}, parts of {part}"
+            );
+        }
+        for ((k, v), (k2, v2)) in head_cache.as_ref().unwrap().iter().zip(&h2) {
+            assert!(
+                same_bits(k, k2) && same_bits(v, v2),
+                "head cache, parts of {part}"
+            );
+        }
+    }
+}

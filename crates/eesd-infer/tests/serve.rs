@@ -464,7 +464,8 @@ async fn a_full_queue_answers_429_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_stream_cancels_its_sequence() {
     let s = server(2, 8);
-    let body = json!({"prompt": "w1", "max_tokens": 120, "temperature": 0.9, "stream": true});
+    // No EOS can end it first: only the cancellation can.
+    let body = json!({"prompt": "w1", "max_tokens": 120, "temperature": 0.9, "ignore_eos": true, "stream": true});
     let req = Request::builder()
         .method("POST")
         .uri("/v1/completions")

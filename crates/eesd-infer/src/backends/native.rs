@@ -142,6 +142,23 @@ impl Backend for NativeBackend<'_> {
         &self,
         prompt: &[u32],
         cache: &mut KvCache,
+        head_cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, NativeRows)> {
+        self.prefill_part(prompt, None, cache, head_cache)
+    }
+
+    fn prefill_part_rows(&self) -> Option<usize> {
+        Some(self.prefill_chunk.max(1))
+    }
+
+    /// A prompt's next rows after the ones the caches hold: the chunks of [`Self::prefill`]
+    /// continued, the previous part's last final state `before` standing where the previous
+    /// chunk's would (a row's bits do not depend on the chunking).
+    fn prefill_part(
+        &self,
+        prompt: &[u32],
+        before_part: Option<&NativeRows>,
+        cache: &mut KvCache,
         mut head_cache: Option<&mut KvCache>,
     ) -> Result<(Tensor, NativeRows)> {
         if prompt.is_empty() {
@@ -155,7 +172,7 @@ impl Backend for NativeBackend<'_> {
         let reads_finals = drafting && self.torch.reads_finals();
         // The base's final state before each chunk's first row (zeros before position 0), for
         // a head that reads the previous position's final state.
-        let mut before = vec![0f32; h];
+        let mut before = before_part.map_or_else(|| vec![0f32; h], |b| b.data.clone());
         let mut last = Vec::new();
         for piece in prompt.chunks(self.prefill_chunk.max(1)) {
             let n = piece.len();

@@ -92,6 +92,29 @@ pub trait Backend {
         cache: &mut Self::Cache,
         head_cache: Option<&mut Self::Cache>,
     ) -> Result<(Self::Logits, Self::Hidden)>;
+    /// Rows a prompt may be prefilled in, part after part ([`Self::prefill_part`]), with the
+    /// same bits as in one go; `None` when only a whole prompt can be.
+    fn prefill_part_rows(&self) -> Option<usize> {
+        None
+    }
+    /// The next `part` of a prompt whose earlier positions the caches already hold: like
+    /// [`Self::prefill`] for the whole prompt, given `before`, the final state this call
+    /// returned for the previous part (what a final-state head reads before the part's first
+    /// row). Backends without [`Self::prefill_part_rows`] take only whole prompts.
+    fn prefill_part(
+        &self,
+        part: &[u32],
+        before: Option<&Self::Hidden>,
+        cache: &mut Self::Cache,
+        head_cache: Option<&mut Self::Cache>,
+    ) -> Result<(Self::Logits, Self::Hidden)> {
+        if before.is_some() || cache.positions() > 0 {
+            return Err(eesd_core::Error::Input(
+                "this backend prefills whole prompts only".into(),
+            ));
+        }
+        self.prefill(part, cache, head_cache)
+    }
 
     fn token(&self, id: u32) -> Self::Token;
     /// Tokens to host ids (one host read).

@@ -9,7 +9,7 @@ pub mod round;
 pub mod sequence;
 
 pub use backend::{Backend, Cache, DecodeGuard, Drafted, ModelSpec, Rows};
-pub use sequence::{GenerateOptions, Generation, Sequence, StopReason};
+pub use sequence::{GenerateOptions, Generation, Prefilling, Sequence, StopReason};
 
 use crate::controller::Controller;
 use crate::cost::CostTracker;
@@ -119,43 +119,104 @@ impl<B: Backend> Engine<B> {
         controller: Box<dyn Controller + 'c>,
         sources: DraftSources,
     ) -> Result<Option<Sequence<'c, B>>> {
+        let Some(mut p) = self.begin(prompt, opts, controller, sources)? else {
+            return Ok(None);
+        };
+        while !self.prefill_some(&mut p, usize::MAX)? {}
+        self.finish_prefill(p).map(Some)
+    }
+
+    /// A sequence whose prompt is still to be prefilled, part by part ([`Self::prefill_some`])
+    /// so a server can run other sequences' rounds between the parts; `None` when no token is
+    /// asked for.
+    pub fn begin<'c>(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        controller: Box<dyn Controller + 'c>,
+        sources: DraftSources,
+    ) -> Result<Option<Prefilling<'c, B>>> {
         self.check_prompt(prompt)?;
         if opts.max_new_tokens == 0 {
             return Ok(None);
         }
         let b = &self.backend;
         let drafting = sources.head && b.spec().has_head && controller.drafts();
-        let controller_drafts = controller.drafts();
-        let (mut cache, mut head_cache) = b.new_caches(prompt.len(), opts.max_new_tokens, drafting);
-        b.synchronize();
-        let t0 = Instant::now();
-        let (logits, last_final) = b.prefill(prompt, &mut cache, head_cache.as_mut())?;
-        let first = b.first_token(&logits, &opts.sampling)?;
+        let (cache, head_cache) = b.new_caches(prompt.len(), opts.max_new_tokens, drafting);
+        Ok(Some(Prefilling {
+            prompt: prompt.to_vec(),
+            opts: opts.clone(),
+            controller,
+            sources,
+            cache,
+            head_cache,
+            done: 0,
+            last: None,
+            seconds: 0.0,
+        }))
+    }
+
+    /// Prefills at least `rows` more prompt positions of `p` (whole chunks of the backend's
+    /// part size; the rest of the prompt where it takes only whole prompts). True once the
+    /// whole prompt is in.
+    pub fn prefill_some(&self, p: &mut Prefilling<'_, B>, rows: usize) -> Result<bool> {
+        let b = &self.backend;
+        let left = p.prompt.len() - p.done;
+        let n = match b.prefill_part_rows() {
+            Some(part) => left.min(rows.max(1).div_ceil(part).saturating_mul(part)),
+            None => left,
+        };
+        if n > 0 {
+            b.synchronize();
+            let t0 = Instant::now();
+            let before = p.last.as_ref().map(|(_, h)| h);
+            let part = &p.prompt[p.done..p.done + n];
+            let out = b.prefill_part(part, before, &mut p.cache, p.head_cache.as_mut())?;
+            p.last = Some(out);
+            p.done += n;
+            b.synchronize();
+            p.seconds += t0.elapsed().as_secs_f64();
+        }
+        Ok(p.done == p.prompt.len())
+    }
+
+    /// The sequence of a fully prefilled prompt, its first token chosen.
+    pub fn finish_prefill<'c>(&self, p: Prefilling<'c, B>) -> Result<Sequence<'c, B>> {
+        let b = &self.backend;
+        let Some((logits, last_final)) = p.last.filter(|_| p.done == p.prompt.len()) else {
+            return Err(eesd_core::Error::Input(
+                "the prompt is not prefilled yet".into(),
+            ));
+        };
+        let first = b.first_token(&logits, &p.opts.sampling)?;
+        let prompt = &p.prompt;
+        let controller_drafts = p.controller.drafts();
         let mut seq = Sequence {
             prompt_len: prompt.len(),
             context_len: b.spec().context,
-            opts: opts.clone(),
-            ids: Vec::with_capacity(opts.max_new_tokens),
+            opts: p.opts,
+            ids: Vec::new(),
             pending: first,
-            cache,
-            head_cache,
+            cache: p.cache,
+            head_cache: p.head_cache,
             backlog: Vec::new(),
             prev_final: last_final,
-            controller,
+            controller: p.controller,
             stats: crate::stats::DecodeStats {
                 prompt_tokens: prompt.len(),
-                prefill_seconds: t0.elapsed().as_secs_f64(),
+                prefill_seconds: p.seconds,
                 ..Default::default()
             },
             stop: None,
             decode_start: Instant::now(),
-            lookup: (sources.lookup && controller_drafts).then(|| sequence::LookupDrafts {
+            lookup: (p.sources.lookup && controller_drafts).then(|| sequence::LookupDrafts {
                 index: crate::lookup::Lookup::new(prompt),
                 policy: crate::lookup::LookupPolicy::new(prompt.len() as u64),
             }),
         };
+        seq.ids.reserve(seq.opts.max_new_tokens);
         seq.push(first);
-        Ok(Some(seq))
+        Ok(seq)
     }
 
     /// One round for every sequence of `seqs` that has not stopped, their rows through the

@@ -59,6 +59,30 @@ pub struct Sequence<'c, B: Backend> {
     pub(super) lookup: Option<LookupDrafts>,
 }
 
+/// A sequence before its first token: its prompt going into the caches part by part
+/// ([`super::Engine::prefill_some`]).
+pub struct Prefilling<'c, B: Backend> {
+    pub(super) prompt: Vec<u32>,
+    pub(super) opts: GenerateOptions,
+    pub(super) controller: Box<dyn Controller + 'c>,
+    pub(super) sources: super::DraftSources,
+    pub(super) cache: B::Cache,
+    pub(super) head_cache: Option<B::Cache>,
+    /// Prompt positions in the caches.
+    pub(super) done: usize,
+    /// The last part's logits and final state (the next part's `before`).
+    pub(super) last: Option<(B::Logits, B::Hidden)>,
+    /// Prefill time so far.
+    pub(super) seconds: f64,
+}
+
+impl<B: Backend> Prefilling<'_, B> {
+    /// Prompt positions still to prefill.
+    pub fn remaining(&self) -> usize {
+        self.prompt.len() - self.done
+    }
+}
+
 /// The text so far, indexed for copied drafts, and how long a copied draft to verify.
 pub(super) struct LookupDrafts {
     pub index: crate::lookup::Lookup,

@@ -1,5 +1,6 @@
 //! The scheduler: one thread owns the engine and runs continuous batching. Each iteration
-//! admits waiting requests into free batch slots (prefilling their prompts), then advances
+//! admits waiting requests into free batch slots, prefills one part of the first new prompt
+//! (so a long prompt does not stall the running streams for its whole prefill), then advances
 //! every running sequence by one round in one pass of the weights ([`Engine::step`]), and
 //! hands each request the tokens its round committed. A request whose receiver is gone (the
 //! client disconnected, or a stop string ended it) is dropped between rounds, which frees its
@@ -10,7 +11,9 @@
 
 use super::metrics::Metrics;
 use crate::controller;
-use crate::engine::{Backend, DraftSources, Engine, GenerateOptions, Sequence, StopReason};
+use crate::engine::{
+    Backend, DraftSources, Engine, GenerateOptions, Prefilling, Sequence, StopReason,
+};
 use crate::stats::DecodeStats;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -75,6 +78,20 @@ struct Running<'c, B: Backend> {
     last_token: Instant,
 }
 
+/// Prompt rows prefilled between two rounds while sequences are running: a long prompt joins
+/// in parts of about this many rows, so the running streams wait one part's time (a few
+/// tenths of a second on 2 cores) per round, not the whole prompt's.
+pub const PREFILL_ROWS_PER_ROUND: usize = 128;
+
+/// A request whose prompt is going in.
+struct Joining<'c, B: Backend> {
+    prefill: Prefilling<'c, B>,
+    events: UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+    arrived: Instant,
+    prompt_tokens: usize,
+}
+
 /// Runs until every sender of `jobs` is gone and the last sequence has finished.
 pub fn run<B: Backend>(
     engine: &mut Engine<B>,
@@ -84,10 +101,12 @@ pub fn run<B: Backend>(
     metrics: &Metrics,
 ) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut joining: VecDeque<Joining<'static, B>> = VecDeque::new();
     let mut running: Vec<Running<'static, B>> = Vec::new();
     let mut open = true;
-    while open || !waiting.is_empty() || !running.is_empty() {
-        if open && running.is_empty() && waiting.is_empty() {
+    while open || !waiting.is_empty() || !joining.is_empty() || !running.is_empty() {
+        let idle = running.is_empty() && joining.is_empty();
+        if open && idle && waiting.is_empty() {
             match jobs.recv() {
                 Ok(j) => waiting.push_back(j),
                 Err(_) => open = false,
@@ -103,17 +122,48 @@ pub fn run<B: Backend>(
                 }
             }
         }
-        while running.len() < limits.max_batch.max(1) {
+        while running.len() + joining.len() < limits.max_batch.max(1) {
             let Some(job) = waiting.pop_front() else {
                 break;
             };
             shared.waiting.fetch_sub(1, Ordering::SeqCst);
             metrics.queue_depth.dec();
-            if let Some(r) = admit(engine, &limits, job, metrics) {
-                running.push(r);
+            if let Some(j) = admit(engine, &limits, job, metrics) {
+                joining.push_back(j);
             }
         }
-        metrics.running.set(running.len() as i64);
+        // One part of the first joining prompt (all of it when nothing else runs), then one
+        // round of everything running.
+        if let Some(j) = joining.front_mut() {
+            let rows = if running.is_empty() {
+                usize::MAX
+            } else {
+                PREFILL_ROWS_PER_ROUND
+            };
+            let gone = j.events.is_closed() || j.cancel.load(Ordering::SeqCst);
+            let step = if gone {
+                Ok(None)
+            } else {
+                engine.prefill_some(&mut j.prefill, rows).map(Some)
+            };
+            match step {
+                Ok(Some(false)) => {}
+                Ok(Some(true)) => {
+                    let j = joining.pop_front().expect("the front is there");
+                    if let Some(r) = join(engine, j, metrics) {
+                        running.push(r);
+                    }
+                }
+                Ok(None) => {
+                    metrics.cancelled.inc();
+                    joining.pop_front();
+                }
+                Err(e) => {
+                    let j = joining.pop_front().expect("the front is there");
+                    let _ = j.events.send(Event::Failed(e.to_string()));
+                }
+            }
+        }
         if running.is_empty() {
             continue;
         }
@@ -124,6 +174,7 @@ pub fn run<B: Backend>(
         };
         if let Err(e) = stepped {
             for r in running.drain(..) {
+                metrics.running.dec();
                 let _ = r
                     .events
                     .send(Event::Failed(format!("decoding failed: {e}")));
@@ -131,19 +182,18 @@ pub fn run<B: Backend>(
             continue;
         }
         running.retain_mut(|r| deliver(r, metrics));
-        metrics.running.set(running.len() as i64);
     }
     metrics.running.set(0);
 }
 
-/// Prefills a request and sends its first token; `None` when it is already over (nothing to
-/// generate, an error, or nobody listening any more).
+/// Checks a request's controller and sets up its prefill; `None` when it is already over
+/// (nothing to generate, an error, or nobody listening any more).
 fn admit<B: Backend>(
     engine: &mut Engine<B>,
     limits: &Limits,
     job: Job,
     metrics: &Metrics,
-) -> Option<Running<'static, B>> {
+) -> Option<Joining<'static, B>> {
     metrics
         .queue_wait
         .observe(job.arrived.elapsed().as_secs_f64());
@@ -165,31 +215,53 @@ fn admit<B: Backend>(
             return None;
         }
     };
-    let seq = match engine.start_with(&job.prompt, &job.opts, ctrl, job.sources) {
-        Ok(Some(seq)) => seq,
+    match engine.begin(&job.prompt, &job.opts, ctrl, job.sources) {
+        Ok(Some(prefill)) => Some(Joining {
+            prefill,
+            events: job.events,
+            cancel: job.cancel,
+            arrived: job.arrived,
+            prompt_tokens: job.prompt.len(),
+        }),
         Ok(None) => {
             let _ = job.events.send(Event::Done {
                 stop: Some(StopReason::MaxNewTokens),
                 stats: Box::default(),
             });
-            return None;
+            None
         }
         Err(e) => {
             let _ = job.events.send(Event::Failed(e.to_string()));
+            None
+        }
+    }
+}
+
+/// A prefilled request joins the running batch with its first token sent.
+fn join<B: Backend>(
+    engine: &Engine<B>,
+    j: Joining<'static, B>,
+    metrics: &Metrics,
+) -> Option<Running<'static, B>> {
+    let seq = match engine.finish_prefill(j.prefill) {
+        Ok(seq) => seq,
+        Err(e) => {
+            let _ = j.events.send(Event::Failed(e.to_string()));
             return None;
         }
     };
-    metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
+    metrics.prompt_tokens.inc_by(j.prompt_tokens as u64);
     metrics
         .time_to_first_token
-        .observe(job.arrived.elapsed().as_secs_f64());
+        .observe(j.arrived.elapsed().as_secs_f64());
     let mut r = Running {
         seq,
         sent: 0,
-        events: job.events,
-        cancel: job.cancel,
+        events: j.events,
+        cancel: j.cancel,
         last_token: Instant::now(),
     };
+    metrics.running.inc();
     deliver(&mut r, metrics).then_some(r)
 }
 
@@ -214,12 +286,14 @@ fn deliver<B: Backend>(r: &mut Running<'_, B>, metrics: &Metrics) -> bool {
             metrics
                 .cancelled
                 .inc_by(u64::from(r.seq.stopped().is_none()));
+            metrics.running.dec();
             return false;
         }
     }
     let stop = r.seq.stopped();
     if r.events.is_closed() {
         metrics.cancelled.inc_by(u64::from(stop.is_none()));
+        metrics.running.dec();
         return false;
     }
     let cancelled = r.cancel.load(Ordering::SeqCst);
@@ -229,6 +303,8 @@ fn deliver<B: Backend>(r: &mut Running<'_, B>, metrics: &Metrics) -> bool {
     metrics.cancelled.inc_by(u64::from(stop.is_none()));
     let stats = Box::new(r.seq.stats_so_far());
     metrics.record_sequence(&stats);
+    // The gauge is right before the request ends (a client reading /metrics next sees it).
+    metrics.running.dec();
     let _ = r.events.send(Event::Done { stop, stats });
     false
 }
