@@ -26,10 +26,12 @@ setup:
 build: setup
     cargo build --release --workspace
 
-# EESD with the committed head: text, statistics, and its speedup over plain decoding in one run.
+# EESD with the committed head: text, statistics, and the speedup over plain decoding in one run,
+# on open-ended questions (MT-Bench) and on requests that edit a given text (the grounded set),
+# with the head alone and with drafts copied from the prompt as well.
 demo prompt="Explain in three sentences why the sky is blue.": build
     {{bin}} generate --model {{model}} --head {{head}} --chat --max-new-tokens 128 --prompt "{{prompt}}"
-    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/mtbench.parquet --num-prompts 2 --max-new-tokens 96 --controllers off,thompson --out results/demo --force
+    {{bin}} bench --model {{model}} --head {{head}} --data data/corpora/mtbench.parquet --data data/corpora/grounded.parquet --num-prompts 2 --max-new-tokens 96 --max-prompt-tokens 512 --controllers off,thompson,thompson@head+lookup --out results/demo --force
 
 # Train a head from a recipe (teacher data, then distillation), e.g. configs/smollm2-135m.toml.
 train config: build
