@@ -179,12 +179,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> ApiResult<Parsed> {
             ));
         }
     }
-    let seed = match o.get("seed") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_i64().map(|s| s as u64).ok_or_else(|| {
-            ApiError::invalid(Some("seed"), format!("seed must be an integer, got {v}"))
-        })?),
-    };
+    let seed = opt(&o, "seed", "an integer", |v| v.as_i64().map(|s| s as u64))?;
     let stream = opt_bool(&o, "stream")?.unwrap_or(false);
     let include_usage = match o.get("stream_options") {
         None | Some(Value::Null) => false,
@@ -391,54 +386,42 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn opt_number(o: &Map<String, Value>, key: &'static str) -> ApiResult<Option<f64>> {
+/// Field `key` as `get` reads it (`what` names the JSON type it wants); absent or null is
+/// `None`, anything else that `get` refuses is a 400 naming the field.
+fn opt<T>(
+    o: &Map<String, Value>,
+    key: &'static str,
+    what: &str,
+    get: impl Fn(&Value) -> Option<T>,
+) -> ApiResult<Option<T>> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(v) => Err(ApiError::invalid(
-            Some(key),
-            format!("{key} must be a number, got {}", type_name(v)),
-        )),
+        Some(v) => get(v).map(Some).ok_or_else(|| {
+            let got = match v {
+                Value::Number(n) => format!("{n}"),
+                v => type_name(v).to_string(),
+            };
+            ApiError::invalid(Some(key), format!("{key} must be {what}, got {got}"))
+        }),
     }
+}
+
+fn opt_number(o: &Map<String, Value>, key: &'static str) -> ApiResult<Option<f64>> {
+    opt(o, key, "a number", Value::as_f64)
 }
 
 fn opt_count(o: &Map<String, Value>, key: &'static str) -> ApiResult<Option<usize>> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(c) => Ok(Some(usize::try_from(c).unwrap_or(usize::MAX))),
-            None => Err(ApiError::invalid(
-                Some(key),
-                format!("{key} must be a non-negative integer, got {n}"),
-            )),
-        },
-        Some(v) => Err(ApiError::invalid(
-            Some(key),
-            format!("{key} must be an integer, got {}", type_name(v)),
-        )),
-    }
+    opt(o, key, "a non-negative integer", |v| {
+        v.as_u64().map(|c| usize::try_from(c).unwrap_or(usize::MAX))
+    })
 }
 
 fn opt_bool(o: &Map<String, Value>, key: &'static str) -> ApiResult<Option<bool>> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(v) => Err(ApiError::invalid(
-            Some(key),
-            format!("{key} must be a boolean, got {}", type_name(v)),
-        )),
-    }
+    opt(o, key, "a boolean", Value::as_bool)
 }
 
 fn opt_string(o: &Map<String, Value>, key: &'static str) -> ApiResult<Option<String>> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(v) => Err(ApiError::invalid(
-            Some(key),
-            format!("{key} must be a string, got {}", type_name(v)),
-        )),
-    }
+    opt(o, key, "a string", |v| v.as_str().map(str::to_string))
 }
 
 #[cfg(test)]
