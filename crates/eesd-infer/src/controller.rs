@@ -528,6 +528,11 @@ impl ThompsonConfig {
 
 /// The controller `name` for a run with or without a head (every controller but `off`
 /// drafts with one), its Thompson prior from the head's `agreement`.
+/// The head's held-out agreement, which warm-starts the Thompson prior.
+pub fn agreement(head: Option<&eesd_core::head::EarlyExitHead>) -> Option<f64> {
+    head.and_then(|h| h.spec.metrics.get("top1_agreement")?.as_f64())
+}
+
 pub fn build(
     name: &str,
     has_head: bool,

@@ -321,11 +321,6 @@ fn load_head(p: &Pretrained, dir: &Option<PathBuf>) -> Result<Option<EarlyExitHe
     Ok(Some(head))
 }
 
-/// The head's held-out agreement, which warm-starts the Thompson prior.
-fn agreement(head: Option<&EarlyExitHead>) -> Option<f64> {
-    head.and_then(|h| h.spec.metrics.get("top1_agreement")?.as_f64())
-}
-
 fn encode(p: &Pretrained, text: &str, chat: bool) -> Result<Vec<u32>> {
     if text.trim().is_empty() {
         bail!("the prompt is empty");
@@ -356,7 +351,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let sources = a.spec.sources()?;
     // Something to draft with: the head, or copied tokens.
-    let can_draft = (sources.head && a.spec.head.is_some()) || sources.lookup;
+    let can_draft = sources.can_draft(a.spec.head.is_some());
     let default = if can_draft { "thompson" } else { "off" };
     let name = a.controller.clone().unwrap_or_else(|| default.into());
     // The engine drafts at most what the generation can use; controllers are checked against
@@ -371,7 +366,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut ctrl = controller::build(
         &name,
         can_draft,
-        agreement(head.as_ref()),
+        controller::agreement(head.as_ref()),
         a.spec.max_draft,
         a.seed as u64,
     )?;
@@ -511,8 +506,14 @@ fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         eos_ids: p.tokenizer.eos_ids.clone(),
     };
     let make = |n: &str| {
-        controller::build(n, true, agreement(Some(&head)), a.spec.max_draft, 0)
-            .map_err(|e| eesd_core::Error::Input(e.to_string()))
+        controller::build(
+            n,
+            true,
+            controller::agreement(Some(&head)),
+            a.spec.max_draft,
+            0,
+        )
+        .map_err(|e| eesd_core::Error::Input(e.to_string()))
     };
     let setup = |costs| bench_spec::Setup {
         model: p.dir.display().to_string(),
@@ -652,7 +653,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         bail!("--max-batch must be at least 1");
     }
     let sources = a.spec.sources()?;
-    let can_draft = (sources.head && a.spec.head.is_some()) || sources.lookup;
+    let can_draft = sources.can_draft(a.spec.head.is_some());
     if let Some(c) = &a.controller {
         controller::build(c, can_draft, None, a.spec.max_draft, 0)?;
     }

@@ -55,6 +55,11 @@ impl DraftSources {
         Ok(out)
     }
 
+    /// Whether a round can draft at all: the head source with a head loaded, or the lookup.
+    pub fn can_draft(&self, has_head: bool) -> bool {
+        (self.head && has_head) || self.lookup
+    }
+
     pub fn name(&self) -> &'static str {
         match (self.head, self.lookup) {
             (true, true) => "head,lookup",

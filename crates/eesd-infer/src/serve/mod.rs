@@ -115,9 +115,7 @@ where
                     max_batch: thread_cfg.max_batch,
                     max_draft: thread_cfg.max_draft,
                     has_head: head.is_some(),
-                    agreement: head
-                        .as_ref()
-                        .and_then(|h| h.spec.metrics.get("top1_agreement")?.as_f64()),
+                    agreement: controller::agreement(head.as_ref()),
                 };
                 let context = p.model.cfg.max_position_embeddings;
                 crate::with_engine!(
@@ -327,7 +325,8 @@ struct Prepared {
     parsed: Parsed,
     prompt: Vec<u32>,
     opts: GenerateOptions,
-    controller: String,
+    controller_name: String,
+    controller: Box<dyn controller::Controller>,
     sources: DraftSources,
 }
 
@@ -397,14 +396,21 @@ impl AppState {
                 "the server has no early-exit head: draft_sources may only be `lookup`",
             ));
         }
-        let can_draft = (sources.head && self.limits.has_head) || sources.lookup;
+        let can_draft = sources.can_draft(self.limits.has_head);
         let controller = parsed
             .controller
             .clone()
             .or_else(|| self.cfg.controller.clone())
             .unwrap_or_else(|| if can_draft { "thompson" } else { "off" }.into());
-        controller::build(&controller, can_draft, None, self.limits.max_draft, 0)
-            .map_err(|e| ApiError::invalid(Some("controller"), e.to_string()))?;
+        // Built here, once: a bad name is a 400 before the request is queued.
+        let built = controller::build(
+            &controller,
+            can_draft,
+            self.limits.agreement,
+            self.limits.max_draft,
+            parsed.seed.unwrap_or(0),
+        )
+        .map_err(|e| ApiError::invalid(Some("controller"), e.to_string()))?;
         let sampling = SamplingParams::new(parsed.temperature, 0, parsed.top_p)
             .map_err(|e| ApiError::invalid(Some("temperature"), e.to_string()))?;
         let opts = GenerateOptions {
@@ -420,13 +426,14 @@ impl AppState {
             parsed,
             prompt,
             opts,
-            controller,
+            controller_name: controller,
+            controller: built,
             sources,
         })
     }
 
     /// Queues a prepared request: 429 when the queue is full, 503 once stopping.
-    fn enqueue(&self, p: &Prepared) -> ApiResult<(UnboundedReceiver<Event>, Arc<AtomicBool>)> {
+    fn enqueue(&self, p: &mut Prepared) -> ApiResult<(UnboundedReceiver<Event>, Arc<AtomicBool>)> {
         if self.shared.waiting.load(Ordering::SeqCst) >= self.cfg.max_queue {
             let mut e = ApiError::status(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -443,9 +450,8 @@ impl AppState {
         let job = Job {
             prompt: p.prompt.clone(),
             opts: p.opts.clone(),
-            controller: p.controller.clone(),
+            controller: std::mem::replace(&mut p.controller, Box::new(controller::Fixed(0))),
             sources: p.sources,
-            seed: p.parsed.seed.unwrap_or(0),
             events: tx,
             cancel: cancel.clone(),
             arrived: Instant::now(),
@@ -485,8 +491,8 @@ async fn generate(s: Arc<AppState>, endpoint: Endpoint, body: &[u8]) -> ApiResul
         return Err(e);
     }
     let parsed = api::parse(endpoint, body)?;
-    let p = s.prepare(parsed)?;
-    let (rx, cancel) = s.enqueue(&p)?;
+    let mut p = s.prepare(parsed)?;
+    let (rx, cancel) = s.enqueue(&mut p)?;
     let id = format!(
         "{}-{}",
         match endpoint {
@@ -501,7 +507,7 @@ async fn generate(s: Arc<AppState>, endpoint: Endpoint, body: &[u8]) -> ApiResul
         model: s.cfg.model_name.clone(),
         endpoint,
         prompt_tokens: p.prompt.len(),
-        controller: p.controller.clone(),
+        controller: p.controller_name.clone(),
         sources: p.sources,
     };
     if p.parsed.stream {

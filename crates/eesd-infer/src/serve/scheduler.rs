@@ -10,7 +10,7 @@
 //! bits alone or batched, and every sequence keeps its own controller state.
 
 use super::metrics::Metrics;
-use crate::controller;
+use crate::controller::Controller;
 use crate::engine::{
     Backend, DraftSources, Engine, GenerateOptions, Prefilling, Sequence, StopReason,
 };
@@ -25,11 +25,10 @@ use tokio::sync::mpsc::UnboundedSender;
 pub struct Job {
     pub prompt: Vec<u32>,
     pub opts: GenerateOptions,
-    /// A controller name [`controller::build`] accepted when the request was checked.
-    pub controller: String,
+    /// The request's own controller, built when the request was checked (its Thompson draws
+    /// seeded by the request's `seed`; sampled tokens use the shared generator).
+    pub controller: Box<dyn Controller>,
     pub sources: DraftSources,
-    /// Seeds the controller's Thompson draws (sampled tokens use the shared generator).
-    pub seed: u64,
     pub events: UnboundedSender<Event>,
     /// Set by the HTTP side when the answer is over early (a stop string, or the client went
     /// away): the sequence leaves the batch after its current round.
@@ -52,7 +51,7 @@ pub enum Event {
     Failed(String),
 }
 
-/// What the scheduler needs to know to build each request's controller.
+/// The batch limit, and what requests' controllers are built from (on the HTTP side).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_batch: usize,
@@ -128,7 +127,7 @@ pub fn run<B: Backend>(
             };
             shared.waiting.fetch_sub(1, Ordering::SeqCst);
             metrics.queue_depth.dec();
-            if let Some(j) = admit(engine, &limits, job, metrics) {
+            if let Some(j) = admit(engine, job, metrics) {
                 joining.push_back(j);
             }
         }
@@ -186,11 +185,10 @@ pub fn run<B: Backend>(
     metrics.running.set(0);
 }
 
-/// Checks a request's controller and sets up its prefill; `None` when it is already over
+/// Sets up a request's prefill; `None` when it is already over
 /// (nothing to generate, an error, or nobody listening any more).
 fn admit<B: Backend>(
     engine: &mut Engine<B>,
-    limits: &Limits,
     job: Job,
     metrics: &Metrics,
 ) -> Option<Joining<'static, B>> {
@@ -201,21 +199,7 @@ fn admit<B: Backend>(
         metrics.cancelled.inc();
         return None;
     }
-    let can_draft = (job.sources.head && limits.has_head) || job.sources.lookup;
-    let ctrl = match controller::build(
-        &job.controller,
-        can_draft,
-        limits.agreement,
-        limits.max_draft,
-        job.seed,
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = job.events.send(Event::Failed(e.to_string()));
-            return None;
-        }
-    };
-    match engine.begin(&job.prompt, &job.opts, ctrl, job.sources) {
+    match engine.begin(&job.prompt, &job.opts, job.controller, job.sources) {
         Ok(Some(prefill)) => Some(Joining {
             prefill,
             events: job.events,
